@@ -1,0 +1,152 @@
+"""Applies a key map: HF tensors -> params pytree and back, checking everything first.
+
+Before any tensor is read, every source key is matched to a rule (or to a known
+ignorable buffer) and every rule's keys are checked for presence, shape and
+dtype; all problems are collected and raised together in one
+`ConversionError`. Targets are then filled one at a time, so peak memory is the
+output plus one stacked target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vxl_jax.conversion.keymap import IGNORED_KEYS, Rule
+from vxl_jax.conversion.safetensors_io import CheckpointReader
+
+_FLOAT_KINDS = ("f",)
+
+
+class ConversionError(ValueError):
+    """All problems found in a checkpoint, one per line."""
+
+    def __init__(self, problems: Sequence[str], source: str = ""):
+        self.problems = list(problems)
+        head = f"{len(self.problems)} problem(s) converting {source}".rstrip() + ":"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+@dataclasses.dataclass
+class ConversionStats:
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    ignored: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        text = (f"{self.tensors} tensors, {self.parameters:,} parameters, "
+                f"{self.bytes / 2**20:,.1f} MiB in {self.seconds:.2f} s")
+        if self.ignored:
+            text += f"; ignored buffers: {', '.join(self.ignored)}"
+        return text
+
+
+def check(reader: CheckpointReader, rules: Sequence[Rule], source: str = "") -> list[str]:
+    """Names every problem (unexpected / missing key, wrong shape or dtype) without reading data."""
+    problems: list[str] = []
+    expected: dict[str, Rule] = {}
+    for rule in rules:
+        for key in rule.hf_keys():
+            expected[key] = rule
+    for key in reader.keys():
+        if key not in expected and not any(p.match(key) for p in IGNORED_KEYS):
+            problems.append(f"unexpected key {key} {list(reader.shape(key))}")
+    for rule in rules:
+        dtypes = set()
+        for key in rule.hf_keys():
+            if key not in reader:
+                problems.append(f"missing key {key} (expected shape {list(rule.hf_shape)})")
+                continue
+            shape = reader.shape(key)
+            if shape != tuple(rule.hf_shape):
+                problems.append(f"wrong shape for {key}: checkpoint has {list(shape)}, "
+                                f"config expects {list(rule.hf_shape)}")
+            try:
+                dtype = reader.dtype(key)
+            except TypeError as e:
+                problems.append(f"wrong dtype: {e}")
+                continue
+            if dtype.kind not in _FLOAT_KINDS and dtype.name != "bfloat16":
+                problems.append(f"wrong dtype for {key}: {dtype.name} (expected a floating type)")
+            dtypes.add(dtype)
+        if len(dtypes) > 1:
+            problems.append(f"mixed dtypes across layers of {rule.hf}: {sorted(d.name for d in dtypes)}")
+    return problems
+
+
+def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], *, dtype=None, source: str = "",
+                 progress: bool = True) -> tuple[dict, ConversionStats]:
+    """Reads a checkpoint into a nested dict of numpy arrays, one target at a time."""
+    problems = check(reader, rules, source)
+    if problems:
+        raise ConversionError(problems, source)
+    start = time.perf_counter()
+    stats = ConversionStats(ignored=tuple(k for k in reader.keys() if any(p.match(k) for p in IGNORED_KEYS)))
+    params: dict = {}
+    total = sum(reader.nbytes(k) for rule in rules for k in rule.hf_keys())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> jax", disable=not progress) as bar:
+        for rule in rules:
+            keys = rule.hf_keys()
+            out_dtype = np.dtype(dtype) if dtype is not None else reader.dtype(keys[0])
+            target = np.empty(rule.jax_shape(), out_dtype)
+            for i, key in enumerate(keys):
+                tensor = rule.transform.to_jax(reader.get(key))
+                if rule.layers:
+                    target[i] = tensor
+                else:
+                    target[...] = tensor
+                stats.tensors += 1
+                bar.update(reader.nbytes(key))
+                del tensor
+            stats.parameters += target.size
+            stats.bytes += target.nbytes
+            _set(params, rule.path, target)
+    stats.seconds = time.perf_counter() - start
+    return params, stats
+
+
+def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
+    """(generator of (HF key, tensor) in rule order, HF key -> bytes). Checks shapes first."""
+    problems = []
+    for rule in rules:
+        leaf = _get(params, rule.path)
+        if leaf is None:
+            problems.append(f"params lack {'/'.join(rule.path)} (for {rule.hf})")
+        elif tuple(leaf.shape) != rule.jax_shape():
+            problems.append(f"wrong shape for {'/'.join(rule.path)}: params have {list(leaf.shape)}, "
+                            f"config expects {list(rule.jax_shape())}")
+    if problems:
+        raise ConversionError(problems, "params")
+    sizes = {}
+    for rule in rules:
+        itemsize = np.dtype(_get(params, rule.path).dtype).itemsize
+        for key in rule.hf_keys():
+            sizes[key] = int(np.prod(rule.hf_shape, dtype=np.int64)) * itemsize
+
+    def generate():
+        for rule in rules:
+            leaf = np.asarray(_get(params, rule.path))
+            slices = [leaf[i] for i in range(rule.layers)] if rule.layers else [leaf]
+            for key, part in zip(rule.hf_keys(), slices):
+                yield key, np.ascontiguousarray(rule.transform.to_hf(part))
+    return generate(), sizes
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for name in path:
+        if not isinstance(tree, dict) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree

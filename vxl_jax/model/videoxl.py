@@ -1,0 +1,97 @@
+"""Video-XL = CLIP tower -> projector -> 2x2 pooling -> Qwen2 with VST parameters.
+
+  params = {"vision": clip params, "projector": projector params, "llm": qwen2 params}
+
+This module holds the parts every path shares: frame features, splicing them
+into the token embeddings, and the plain (uncompressed) forward, LLaVA style.
+The compressed prefill builds on the same pieces.
+
+Axis legend: B batch, T tokens, F frames, M visual tokens, D width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vxl_jax.config import VideoXLConfig
+from vxl_jax.model import clip, projector, qwen2
+
+IMAGE_TOKEN_INDEX = -200  # the `<image>` placeholder id in a prompt (LLaVA convention)
+
+
+def init_params(cfg: VideoXLConfig, key: jax.Array, param_dtype=jnp.float32) -> dict:
+    k_vision, k_proj, k_llm = jax.random.split(key, 3)
+    return {
+        "vision": clip.init_params(cfg.vision, k_vision, param_dtype),
+        "projector": projector.init_params(cfg.vision.hidden_size, cfg.llm.hidden_size, k_proj, param_dtype),
+        "llm": qwen2.init_params(cfg.llm, k_llm, param_dtype),
+    }
+
+
+def clip_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Selected CLIP hidden state without CLS: [F, g*g, Dv]."""
+    hidden = clip.hidden_state(params["vision"], cfg.vision, pixels, cfg.vision_layers_used, dtype=dtype)
+    return hidden[:, 1:]
+
+
+def frame_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Preprocessed frames [F, C, H, W] -> visual tokens [F, tokens_per_frame, D]."""
+    projected = projector.project(params["projector"], clip_features(params, cfg, pixels, dtype), dtype)
+    return projector.avg_pool_grid(projected, cfg.vision.grid, cfg.projector.pool_stride)
+
+
+def splice_visual(embeds: jax.Array, visual_mask: jax.Array, features: jax.Array) -> jax.Array:
+    """Writes features [B, M, D], in order, into the rows of embeds [B, T, D] where visual_mask [B, T]."""
+    order = jnp.clip(jnp.cumsum(visual_mask.astype(jnp.int32), axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features, order[..., None], axis=1).astype(embeds.dtype)
+    return jnp.where(visual_mask[..., None], gathered, embeds)
+
+
+def embed_inputs(params: dict, input_ids: jax.Array, visual_mask: Optional[jax.Array] = None,
+                 features: Optional[jax.Array] = None, dtype=None) -> jax.Array:
+    """Token embeddings with visual features at the placeholder rows (their ids are never looked up)."""
+    if visual_mask is None:
+        return qwen2.embed(params["llm"], input_ids, dtype)
+    x = qwen2.embed(params["llm"], jnp.where(visual_mask, 0, input_ids), dtype)
+    return splice_visual(x, visual_mask, features)
+
+
+def forward(params: dict, cfg: VideoXLConfig, input_ids: jax.Array, *, visual_mask: Optional[jax.Array] = None,
+            features: Optional[jax.Array] = None, lengths: Optional[jax.Array] = None,
+            cache_size: Optional[int] = None, remat: str = "none",
+            dtype=None) -> tuple[jax.Array, qwen2.KVCache]:
+    """Plain causal forward over all tokens, no compression.
+
+    input_ids [B, T]; visual_mask [B, T] marks rows that take features [B, M, D];
+    lengths [B] hides right padding. Returns final-normed hidden states [B, T, D]
+    (logits via `qwen2.logits`) and the pre-RoPE KV buffer of size `cache_size`
+    (default T), so decoding can continue from it.
+    """
+    b, t = input_ids.shape
+    x = embed_inputs(params, input_ids, visual_mask, features, dtype)
+    size = cache_size or t
+    cache = qwen2.KVCache.zeros(cfg.llm, b, size, x.dtype)
+    ctx = qwen2.make_context(cfg.llm, jnp.zeros((b,), jnp.int32), t, size,
+                             key_len=lengths if lengths is not None else jnp.full((b,), t, jnp.int32))
+    return qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
+
+
+def expand_placeholder(input_ids: np.ndarray, num_visual: int, placeholder_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Host helper: a 1-D prompt with exactly one IMAGE_TOKEN_INDEX -> (expanded ids, visual mask).
+
+    The placeholder rows get `placeholder_id` (never looked up: features replace them).
+    """
+    ids = np.asarray(input_ids).reshape(-1)
+    where = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
+    if len(where) != 1:
+        raise ValueError(f"the prompt must hold exactly one <image> placeholder ({IMAGE_TOKEN_INDEX}), "
+                         f"found {len(where)}")
+    p = int(where[0])
+    expanded = np.concatenate([ids[:p], np.full(num_visual, placeholder_id, ids.dtype), ids[p + 1:]])
+    mask = np.zeros(expanded.shape, bool)
+    mask[p:p + num_visual] = True
+    return expanded, mask
