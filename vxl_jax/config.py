@@ -116,6 +116,20 @@ class Qwen2Config:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "Qwen2Config":
+        """From a Qwen2 (or llava_qwen) config.json dict, transformers v4 or v5 style."""
+        hf = _normalise_rope(hf)
+        kw = _take(hf, _LLM_FIELDS, required=("vocab_size", "hidden_size", "intermediate_size",
+                                              "num_hidden_layers", "num_attention_heads"))
+        kw.setdefault("num_kv_heads", kw["num_heads"])
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {hf_name: getattr(self, name) for hf_name, name in _LLM_FIELDS.items()}
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipVisionConfig:
@@ -135,6 +149,17 @@ class ClipVisionConfig:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"unsupported CLIP hidden_act {self.hidden_act!r}")
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "ClipVisionConfig":
+        """From a `clip_vision_model` config.json dict, or a full `clip` one (its vision_config)."""
+        if hf.get("model_type") == "clip" or "vision_config" in hf:
+            hf = hf.get("vision_config", {})
+        return cls(**_take(hf, _CLIP_FIELDS, required=(
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {hf_name: getattr(self, name) for hf_name, name in _CLIP_FIELDS.items()}
 
     @property
     def grid(self) -> int:
@@ -229,17 +254,13 @@ class VideoXLConfig:
                 raise ConfigError(f"vision tower {tower!r} has no config: pass its config.json")
             vision_hf = KNOWN_VISION_TOWERS[tower]
         vision_hf = dict(vision_hf)
-        llm = Qwen2Config(**_take(hf, _LLM_FIELDS, required=("vocab_size", "hidden_size", "intermediate_size",
-                                                             "num_hidden_layers", "num_attention_heads")))
-        if "num_key_value_heads" not in hf:
-            llm = dataclasses.replace(llm, num_kv_heads=llm.num_heads)
+        llm = Qwen2Config.from_hf_config(hf)
         vst_kw = _take(hf, _VST_FIELDS)
         for k in ("ratios", "param"):
             if k in vst_kw:
                 vst_kw[k] = tuple(vst_kw[k])
         mm = _take(hf, _MM_FIELDS, required=("mm_hidden_size",))
-        vision = ClipVisionConfig(**_take(vision_hf, _CLIP_FIELDS, required=(
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")))
+        vision = ClipVisionConfig.from_hf_config(vision_hf)
         used = set(_LLM_FIELDS) | set(_VST_FIELDS) | set(_MM_FIELDS) | {"mm_vision_tower"}
         extra = {k: v for k, v in hf.items() if k not in used}
         vision_extra = {k: v for k, v in vision_hf.items() if k not in _CLIP_FIELDS}
@@ -250,15 +271,15 @@ class VideoXLConfig:
         """Returns (llava_qwen config.json dict, vision tower config.json dict)."""
         out = {"model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"]}
         out.update(self.extra)
-        for part, fields in ((self.llm, _LLM_FIELDS), (self.vst, _VST_FIELDS), (self.projector, _MM_FIELDS)):
+        out.update(self.llm.to_hf_config())
+        for part, fields in ((self.vst, _VST_FIELDS), (self.projector, _MM_FIELDS)):
             for hf_name, name in fields.items():
                 value = getattr(part, name)
                 out[hf_name] = list(value) if isinstance(value, tuple) else value
         out["mm_vision_tower"] = self.vision_tower_name
         vision = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
         vision.update(self.vision_extra)
-        for hf_name, name in _CLIP_FIELDS.items():
-            vision[hf_name] = getattr(self.vision, name)
+        vision.update(self.vision.to_hf_config())
         return dict(sorted(out.items())), dict(sorted(vision.items()))
 
     @classmethod
@@ -307,6 +328,19 @@ class VideoXLConfig:
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def _normalise_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers v5 writes `rope_parameters`; v4 `rope_theta` + `rope_scaling`. Only plain RoPE is supported."""
+    hf = dict(hf)
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if kind != "default":
+        raise ConfigError(f"rope type {kind!r} is not supported (only plain RoPE)")
+    if "rope_theta" not in hf and "rope_theta" in params:
+        hf["rope_theta"] = params["rope_theta"]
+    return hf
 
 
 def _take(src: Mapping[str, Any], fields: Mapping[str, str], required: tuple[str, ...] = ()) -> dict[str, Any]:

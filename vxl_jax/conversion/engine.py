@@ -10,6 +10,7 @@ output plus one stacked target.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Iterator, Sequence
 
@@ -43,19 +44,27 @@ class ConversionStats:
         text = (f"{self.tensors} tensors, {self.parameters:,} parameters, "
                 f"{self.bytes / 2**20:,.1f} MiB in {self.seconds:.2f} s")
         if self.ignored:
-            text += f"; ignored buffers: {', '.join(self.ignored)}"
+            shown = ", ".join(self.ignored[:3]) + (", ..." if len(self.ignored) > 3 else "")
+            text += f"; {len(self.ignored)} key(s) ignored (no parameters we use): {shown}"
         return text
 
 
-def check(reader: CheckpointReader, rules: Sequence[Rule], source: str = "") -> list[str]:
+def ignored_keys(reader: CheckpointReader, ignore: Sequence[str] = ()) -> tuple[str, ...]:
+    """Source keys that hold no parameters we use (known buffers, plus `ignore` regexes)."""
+    patterns = list(IGNORED_KEYS) + [re.compile(p) for p in ignore]
+    return tuple(k for k in reader.keys() if any(p.search(k) for p in patterns))
+
+
+def check(reader: CheckpointReader, rules: Sequence[Rule], ignore: Sequence[str] = ()) -> list[str]:
     """Names every problem (unexpected / missing key, wrong shape or dtype) without reading data."""
     problems: list[str] = []
+    skipped = set(ignored_keys(reader, ignore))
     expected: dict[str, Rule] = {}
     for rule in rules:
         for key in rule.hf_keys():
             expected[key] = rule
     for key in reader.keys():
-        if key not in expected and not any(p.match(key) for p in IGNORED_KEYS):
+        if key not in expected and key not in skipped:
             problems.append(f"unexpected key {key} {list(reader.shape(key))}")
     for rule in rules:
         dtypes = set()
@@ -81,13 +90,17 @@ def check(reader: CheckpointReader, rules: Sequence[Rule], source: str = "") -> 
 
 
 def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], *, dtype=None, source: str = "",
-                 progress: bool = True) -> tuple[dict, ConversionStats]:
-    """Reads a checkpoint into a nested dict of numpy arrays, one target at a time."""
-    problems = check(reader, rules, source)
+                 progress: bool = True, ignore: Sequence[str] = ()) -> tuple[dict, ConversionStats]:
+    """Reads a checkpoint into a nested dict of numpy arrays, one target at a time.
+
+    Every source key is either consumed by a rule or reported: `ignore` regexes
+    (and known buffers) are listed in the stats, anything else is an error.
+    """
+    problems = check(reader, rules, ignore)
     if problems:
         raise ConversionError(problems, source)
     start = time.perf_counter()
-    stats = ConversionStats(ignored=tuple(k for k in reader.keys() if any(p.match(k) for p in IGNORED_KEYS)))
+    stats = ConversionStats(ignored=ignored_keys(reader, ignore))
     params: dict = {}
     total = sum(reader.nbytes(k) for rule in rules for k in rule.hf_keys())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> jax", disable=not progress) as bar:
