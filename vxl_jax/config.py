@@ -286,6 +286,8 @@ class VideoXLConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "VideoXLConfig":
         """Reads `config.json` of an HF Video-XL checkpoint dir (and its vision tower's)."""
         path = os.fspath(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} is not an HF Video-XL checkpoint: no config.json")
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
         tower = hf.get("mm_vision_tower", "vision_tower")

@@ -57,6 +57,9 @@ def read_hf(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, Vid
 def load_jax(path: str) -> tuple[dict, VideoXLConfig]:
     """Params (numpy) and config of a vxl_jax checkpoint dir."""
     import orbax.checkpoint as ocp
+    if not is_jax_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a vxl_jax checkpoint: it needs {CONFIG_FILE} and {PARAMS_DIR}/ "
+                                f"(make one with `vxl convert hf-to-jax`)")
     cfg = VideoXLConfig.load(os.path.join(path, CONFIG_FILE))
     checkpointer = ocp.PyTreeCheckpointer()
     target = os.path.abspath(os.path.join(path, PARAMS_DIR))

@@ -83,7 +83,8 @@ def check(reader: CheckpointReader, rules: Sequence[Rule], ignore: Sequence[str]
                 continue
             if dtype.kind not in _FLOAT_KINDS and dtype.name != "bfloat16":
                 problems.append(f"wrong dtype for {key}: {dtype.name} (expected a floating type)")
-            dtypes.add(dtype)
+            else:
+                dtypes.add(dtype)
         if len(dtypes) > 1:
             problems.append(f"mixed dtypes across layers of {rule.hf}: {sorted(d.name for d in dtypes)}")
     return problems

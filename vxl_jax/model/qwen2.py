@@ -205,3 +205,15 @@ def logits(params: dict, cfg: Qwen2Config, h: jax.Array) -> jax.Array:
         return jnp.einsum("...D,VD->...V", h, params["embed_tokens"].astype(h.dtype),
                           preferred_element_type=jnp.float32)
     return jnp.einsum("...D,DV->...V", h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def extend_vocab(params: dict, embed_rows, head_rows) -> dict:
+    """LLM params with rows appended to the embedding [n, D] and the LM head [n, D] (HF layout).
+
+    Used to compare against a run of the original after `resize_token_embeddings`.
+    """
+    params = dict(params)
+    params["embed_tokens"] = jnp.concatenate([params["embed_tokens"], jnp.asarray(embed_rows)], axis=0)
+    if "lm_head" in params:
+        params["lm_head"] = jnp.concatenate([params["lm_head"], jnp.asarray(head_rows).T], axis=1)
+    return params
