@@ -131,6 +131,15 @@ def exported(parts, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def round_tripped(exported, tmp_path_factory):
+    """`exported` converted HF -> vxl_jax (orbax) -> HF."""
+    root = tmp_path_factory.mktemp("round_trip")
+    hf_to_jax(str(exported), str(root / "jax"), progress=False)
+    jax_to_hf(str(root / "jax"), str(root / "hf"))
+    return root / "hf"
+
+
+@pytest.fixture(scope="module")
 def ids():
     return np.random.default_rng(0).integers(0, VOCAB, (B, T)).astype(np.int64)
 
@@ -162,6 +171,7 @@ def test_padded_batch_matches_unpadded_torch(parts, ids):
     padded = ids.copy()
     padded[1, SHORT:] = 0
     got = _jax_logits(parts["params"], parts["cfg"], padded, lengths=[T, SHORT])
+    assert np.isfinite(got).all()
     full = _max_diff(got[0], _torch_logits(parts["llm"], ids[:1])[0])
     short = _max_diff(got[1, :SHORT], _torch_logits(parts["llm"], ids[1:2, :SHORT])[0])
     print(f"\npadded batch max abs diff: full row {full:.3e}, {SHORT}-token row {short:.3e}")
@@ -204,12 +214,9 @@ def test_exported_llm_reloads_identically(parts, exported, ids):
     assert diff == 0.0
 
 
-def test_hf_jax_hf_round_trip_is_bit_identical(exported, tmp_path):
-    jax_dir, hf_dir = tmp_path / "jax", tmp_path / "hf"
-    hf_to_jax(str(exported), str(jax_dir), progress=False)
-    jax_to_hf(str(jax_dir), str(hf_dir))
+def test_hf_jax_hf_round_trip_is_bit_identical(exported, round_tripped):
     for sub in (".", "vision_tower"):
-        before, after = _read_all(exported / sub), _read_all(hf_dir / sub)
+        before, after = _read_all(exported / sub), _read_all(round_tripped / sub)
         assert sorted(before) == sorted(after), sub
         for key, a in before.items():
             b = after[key]
@@ -219,12 +226,9 @@ def test_hf_jax_hf_round_trip_is_bit_identical(exported, tmp_path):
           "tensors bit-identical")
 
 
-def test_hf_jax_hf_round_trip_keeps_configs(exported, tmp_path):
-    jax_dir, hf_dir = tmp_path / "jax", tmp_path / "hf"
-    hf_to_jax(str(exported), str(jax_dir), progress=False)
-    jax_to_hf(str(jax_dir), str(hf_dir))
-    for name in ("config.json", "vision_tower/config.json"):
-        assert json.loads((hf_dir / name).read_text()) == json.loads((exported / name).read_text()), name
+def test_hf_jax_hf_round_trip_keeps_configs(exported, round_tripped):
+    for name in ("config.json", "vision_tower/config.json", "generation_config.json"):
+        assert json.loads((round_tripped / name).read_text()) == json.loads((exported / name).read_text()), name
 
 
 def test_vst_initialised_from_qkv_and_eos(parts, exported):

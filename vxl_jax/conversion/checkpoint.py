@@ -12,6 +12,7 @@ vision tower's own folder (config.json, model.safetensors, preprocessor_config.j
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ import numpy as np
 from vxl_jax.config import (_LLM_FIELDS, KNOWN_VISION_TOWERS, ClipVisionConfig, ConfigError, ProjectorConfig,
                             Qwen2Config, VideoXLConfig, VSTConfig)
 from vxl_jax.conversion import keymap
-from vxl_jax.conversion.engine import ConversionError, ConversionStats, hf_to_params, params_to_hf
+from vxl_jax.conversion.engine import (ConversionError, ConversionStats, _set, hf_to_params, iter_targets,
+                                       params_to_hf)
 from vxl_jax.conversion.safetensors_io import CheckpointReader, write_checkpoint
 from vxl_jax.model import projector as projector_model
 
@@ -56,17 +58,21 @@ def read_hf(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, Vid
 
 def load_jax(path: str) -> tuple[dict, VideoXLConfig]:
     """Params (numpy) and config of a vxl_jax checkpoint dir."""
-    import orbax.checkpoint as ocp
     if not is_jax_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a vxl_jax checkpoint: it needs {CONFIG_FILE} and {PARAMS_DIR}/ "
                                 f"(make one with `vxl convert hf-to-jax`)")
     cfg = VideoXLConfig.load(os.path.join(path, CONFIG_FILE))
-    checkpointer = ocp.PyTreeCheckpointer()
-    target = os.path.abspath(os.path.join(path, PARAMS_DIR))
-    structure = checkpointer.metadata(target).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-    params = checkpointer.restore(target, restore_args=restore_args)
-    return params, cfg
+    params = _orbax_v1().load(os.path.abspath(os.path.join(path, PARAMS_DIR)))
+    return jax.tree.map(np.asarray, params), cfg
+
+
+def _orbax_v1():
+    """orbax's v1 API: its partial save writes one checkpoint target by target (bounded memory)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from orbax.checkpoint.experimental import v1
+    return v1
 
 
 def load_model(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, VideoXLConfig]:
@@ -85,17 +91,35 @@ def load_model(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, 
 
 # --------------------------------------------------------------------- writing
 
-def save_jax(out: str, params: dict, cfg: VideoXLConfig, side_files_from: Optional[str] = None) -> None:
-    import orbax.checkpoint as ocp
+def save_jax(out: str, params, cfg: VideoXLConfig, side_files_from: Optional[str] = None) -> None:
+    """Writes a vxl_jax checkpoint dir. `params` is a tree, or an iterable of (path, array) targets.
+
+    Targets are saved one at a time (orbax partial save), so an iterable that
+    produces them lazily keeps memory at one target, whatever the model size.
+    """
+    orbax = _orbax_v1()
     os.makedirs(out, exist_ok=True)
     target = os.path.abspath(os.path.join(out, PARAMS_DIR))
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} exists; choose an empty output directory")
-    params = jax.tree.map(np.asarray, params)
-    ocp.PyTreeCheckpointer().save(target, params)
+    if os.path.exists(target) or os.path.exists(os.path.join(out, CONFIG_FILE)):
+        raise FileExistsError(f"{out} already holds a checkpoint; choose an empty output directory")
+    items = _leaves_with_paths(params) if isinstance(params, dict) else params
+    for path, array in items:
+        tree: dict = {}
+        _set(tree, tuple(path), np.asarray(array))
+        orbax.partial.save(target, tree)
+        del tree, array
+    orbax.partial.finalize(target)
     cfg.save(os.path.join(out, CONFIG_FILE))
     if side_files_from:
         _copy_side_files(side_files_from, out)
+
+
+def _leaves_with_paths(tree: dict, prefix: tuple = ()):
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves_with_paths(value, prefix + (name,))
+        else:
+            yield prefix + (name,), value
 
 
 def write_hf(out: str, params: dict, cfg: VideoXLConfig, *, max_shard_bytes: int = 5 * 2**30,
@@ -103,8 +127,8 @@ def write_hf(out: str, params: dict, cfg: VideoXLConfig, *, max_shard_bytes: int
     """Writes an HF Video-XL checkpoint dir (original key names), streaming shard by shard."""
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    tensors, sizes = params_to_hf(params, keymap.videoxl_rules(cfg))
-    write_checkpoint(tensors, sizes, out, max_shard_bytes=max_shard_bytes)
+    tensors, specs = params_to_hf(params, keymap.videoxl_rules(cfg))
+    write_checkpoint(tensors, specs, out, max_shard_bytes=max_shard_bytes)
     hf, vision_hf = cfg.to_hf_config()
     _write_json(os.path.join(out, "config.json"), hf)
     if side_files_from:
@@ -115,13 +139,14 @@ def write_hf(out: str, params: dict, cfg: VideoXLConfig, *, max_shard_bytes: int
     if not os.path.isabs(tower) and tower not in KNOWN_VISION_TOWERS:
         # The stand-alone CLIPVisionModel folder that `mm_vision_tower` names.
         tower_dir = os.path.join(out, tower)
-        vision_tensors, vision_sizes = params_to_hf(params, keymap.vision_rules(cfg.vision, prefix="vision_model."))
-        write_checkpoint(vision_tensors, vision_sizes, tower_dir, max_shard_bytes=max_shard_bytes)
+        vision_tensors, vision_specs = params_to_hf(params, keymap.vision_rules(cfg.vision, prefix="vision_model."))
+        write_checkpoint(vision_tensors, vision_specs, tower_dir, max_shard_bytes=max_shard_bytes)
         _write_json(os.path.join(tower_dir, "config.json"), vision_hf)
         _write_json(os.path.join(tower_dir, "preprocessor_config.json"), clip_preprocessor_config(cfg.vision))
     leaves = jax.tree.leaves(params)
-    return ConversionStats(tensors=len(sizes), parameters=sum(int(np.size(a)) for a in leaves),
-                           bytes=sum(sizes.values()), seconds=time.perf_counter() - start)
+    return ConversionStats(tensors=len(specs), parameters=sum(int(np.size(a)) for a in leaves),
+                           bytes=sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in leaves),
+                           seconds=time.perf_counter() - start)
 
 
 def clip_preprocessor_config(vision: ClipVisionConfig) -> dict:
@@ -135,10 +160,15 @@ def clip_preprocessor_config(vision: ClipVisionConfig) -> dict:
 # ------------------------------------------------------------- the two commands
 
 def hf_to_jax(src: str, out: str, *, dtype=None, progress: bool = True) -> ConversionStats:
-    params, cfg, stats = read_hf(src, dtype=dtype, progress=progress)
+    """HF Video-XL dir -> vxl_jax dir, streaming: one stacked target in memory at a time."""
     start = time.perf_counter()
-    save_jax(out, params, cfg, side_files_from=src)
-    stats.seconds += time.perf_counter() - start
+    cfg = VideoXLConfig.from_pretrained(src)
+    stats = ConversionStats()
+    targets = iter_targets(CheckpointReader(src), keymap.videoxl_rules(cfg), stats, dtype=dtype, source=src,
+                           progress=progress)
+    first = next(targets)  # checks the whole checkpoint before anything is written
+    save_jax(out, itertools.chain([first], targets), cfg, side_files_from=src)
+    stats.seconds = time.perf_counter() - start
     return stats
 
 
@@ -171,8 +201,13 @@ def import_parts(llm_dir: str, vision_dir: str, *, seed: int = 0, vst: VSTConfig
             "rope_scaling", "layer_types"}
     extra = {k: v for k, v in llm_hf.items() if k not in skip and k not in _LLM_FIELDS}
     extra["tokenizer_model_max_length"] = llm_cfg.max_position_embeddings
+    source_dtype = llm_hf.get("dtype", llm_hf.get("torch_dtype"))
+    if dtype is not None or source_dtype is not None:
+        extra["torch_dtype"] = str(np.dtype(dtype)) if dtype is not None else source_dtype
+    vision_fields = vision_hf.get("vision_config", vision_hf)
+    vision_extra = {k: v for k, v in vision_fields.items() if k not in skip and k not in vision_cfg.to_hf_config()}
     cfg = VideoXLConfig(llm=llm_cfg, vision=vision_cfg, projector=projector_cfg, vst=vst,
-                        vision_tower_name="vision_tower", extra=extra)
+                        vision_tower_name="vision_tower", extra=extra, vision_extra=vision_extra)
 
     start = time.perf_counter()
     llm_reader = CheckpointReader(llm_dir)

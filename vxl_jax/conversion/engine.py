@@ -90,19 +90,19 @@ def check(reader: CheckpointReader, rules: Sequence[Rule], ignore: Sequence[str]
     return problems
 
 
-def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], *, dtype=None, source: str = "",
-                 progress: bool = True, ignore: Sequence[str] = ()) -> tuple[dict, ConversionStats]:
-    """Reads a checkpoint into a nested dict of numpy arrays, one target at a time.
+def iter_targets(reader: CheckpointReader, rules: Sequence[Rule], stats: ConversionStats, *, dtype=None,
+                 source: str = "", progress: bool = True, ignore: Sequence[str] = ()) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (params path, array) one target at a time, after checking the whole checkpoint.
 
     Every source key is either consumed by a rule or reported: `ignore` regexes
-    (and known buffers) are listed in the stats, anything else is an error.
+    (and known buffers) are listed in `stats.ignored`, anything else is an error.
+    Nothing is read before all problems are known; they are raised together.
     """
     problems = check(reader, rules, ignore)
     if problems:
         raise ConversionError(problems, source)
     start = time.perf_counter()
-    stats = ConversionStats(ignored=ignored_keys(reader, ignore))
-    params: dict = {}
+    stats.ignored += ignored_keys(reader, ignore)
     total = sum(reader.nbytes(k) for rule in rules for k in rule.hf_keys())
     with tqdm(total=total, unit="B", unit_scale=True, desc="hf -> jax", disable=not progress) as bar:
         for rule in rules:
@@ -115,18 +115,27 @@ def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], *, dtype=None,
                     target[i] = tensor
                 else:
                     target[...] = tensor
+                del tensor
                 stats.tensors += 1
                 bar.update(reader.nbytes(key))
-                del tensor
             stats.parameters += target.size
             stats.bytes += target.nbytes
-            _set(params, rule.path, target)
-    stats.seconds = time.perf_counter() - start
+            stats.seconds += time.perf_counter() - start
+            yield rule.path, target
+            start = time.perf_counter()
+
+
+def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], **kwargs) -> tuple[dict, ConversionStats]:
+    """Reads a checkpoint into a nested dict of numpy arrays (kwargs as `iter_targets`)."""
+    stats = ConversionStats()
+    params: dict = {}
+    for path, target in iter_targets(reader, rules, stats, **kwargs):
+        _set(params, path, target)
     return params, stats
 
 
-def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[str, np.ndarray]], dict[str, int]]:
-    """(generator of (HF key, tensor) in rule order, HF key -> bytes). Checks shapes first."""
+def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[str, np.ndarray]], dict]:
+    """(generator of (HF key, tensor) in rule order, HF key -> (shape, dtype)). Checks shapes first."""
     problems = []
     for rule in rules:
         leaf = _get(params, rule.path)
@@ -137,11 +146,8 @@ def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[st
                             f"config expects {list(rule.jax_shape())}")
     if problems:
         raise ConversionError(problems, "params")
-    sizes = {}
-    for rule in rules:
-        itemsize = np.dtype(_get(params, rule.path).dtype).itemsize
-        for key in rule.hf_keys():
-            sizes[key] = int(np.prod(rule.hf_shape, dtype=np.int64)) * itemsize
+    specs = {key: (tuple(rule.hf_shape), np.dtype(_get(params, rule.path).dtype))
+             for rule in rules for key in rule.hf_keys()}
 
     def generate():
         for rule in rules:
@@ -149,7 +155,7 @@ def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[st
             slices = [leaf[i] for i in range(rule.layers)] if rule.layers else [leaf]
             for key, part in zip(rule.hf_keys(), slices):
                 yield key, np.ascontiguousarray(rule.transform.to_hf(part))
-    return generate(), sizes
+    return generate(), specs
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
