@@ -103,15 +103,27 @@ def save_jax(out: str, params, cfg: VideoXLConfig, side_files_from: Optional[str
     if os.path.exists(target) or os.path.exists(os.path.join(out, CONFIG_FILE)):
         raise FileExistsError(f"{out} already holds a checkpoint; choose an empty output directory")
     items = _leaves_with_paths(params) if isinstance(params, dict) else params
+    batch: dict = {}
+    held = 0
     for path, array in items:
-        tree: dict = {}
-        _set(tree, tuple(path), np.asarray(array))
-        orbax.partial.save(target, tree)
-        del tree, array
+        array = np.asarray(array)
+        _set(batch, tuple(path), array)
+        held += array.nbytes
+        if held >= _SAVE_BATCH_BYTES:
+            orbax.partial.save(target, batch)
+            batch, held = {}, 0
+        del array
+    if batch:
+        orbax.partial.save(target, batch)
     orbax.partial.finalize(target)
     cfg.save(os.path.join(out, CONFIG_FILE))
     if side_files_from:
         _copy_side_files(side_files_from, out)
+
+
+# Targets are handed to orbax in batches of about this size: small ones share a save,
+# a large one goes alone, so memory stays near one stacked target.
+_SAVE_BATCH_BYTES = 256 * 2**20
 
 
 def _leaves_with_paths(tree: dict, prefix: tuple = ()):
