@@ -1,0 +1,101 @@
+"""The host-side window plan of VST compression: where windows start, how many VSTs each gets, and where.
+
+Given the prompt layout `[prefix P][visual n][suffix S]`, the visual span is cut
+into windows of `window` raw tokens (1440 = 10 frames; the last one may be
+shorter) and each window gets a ratio r from a schedule. Inside a window, one
+VST follows every r raw tokens. A window whose length is not a multiple of r
+follows the original's rule: with a remainder c carried in from the previous
+window (0 at the start) it gets floor((n + c) / r) VSTs, the first after r - c
+raw tokens and then one after every r; (n + c) mod r is carried on. Raw tokens
+after a window's last VST are dropped with the window.
+
+Everything here is numpy on the host; the arrays feed one compiled prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """A schedule that cannot be planned (bad ratio, wrong number of windows, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    start: int          # index of the window's first raw token in the full (expanded) sequence
+    raw: int            # raw visual tokens in the window
+    ratio: int
+    carry_in: int       # remainder carried in from the previous window
+    vst_after: tuple[int, ...]  # for each VST, how many raw tokens of this window precede it
+
+    @property
+    def num_vst(self) -> int:
+        return len(self.vst_after)
+
+    @property
+    def length(self) -> int:
+        """Tokens fed to the LLM for this window: raw tokens plus VSTs."""
+        return self.raw + self.num_vst
+
+    def interleaved(self) -> np.ndarray:
+        """Per fed token: index of its raw token inside the window, or -1 for a VST."""
+        out = np.empty(self.length, np.int64)
+        raw_at = np.arange(self.raw)
+        vst_slots = np.asarray(self.vst_after, np.int64) + np.arange(self.num_vst)
+        is_vst = np.zeros(self.length, bool)
+        is_vst[vst_slots] = True
+        out[~is_vst] = raw_at
+        out[is_vst] = -1
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    prefix: int
+    num_visual: int
+    suffix: int
+    windows: tuple[Window, ...]
+
+    @property
+    def num_vst(self) -> int:
+        return sum(w.num_vst for w in self.windows)
+
+    @property
+    def vst_per_window(self) -> list[int]:
+        return [w.num_vst for w in self.windows]
+
+    @property
+    def memory_after_prefill(self) -> int:
+        """KV entries kept per layer after prefill: prefix + all VSTs + suffix."""
+        return self.prefix + self.num_vst + self.suffix
+
+
+def num_windows(num_visual: int, window: int = 1440) -> int:
+    return -(-num_visual // window)
+
+
+def make_plan(prefix: int, num_visual: int, suffix: int, ratios: Sequence[int], *, window: int = 1440) -> Plan:
+    """Plans the windows of one sequence; `ratios` has one entry per window."""
+    if window < 1:
+        raise PlanError(f"window must be >= 1, got {window}")
+    if min(prefix, num_visual, suffix) < 0:
+        raise PlanError(f"negative segment length: prefix {prefix}, visual {num_visual}, suffix {suffix}")
+    count = num_windows(num_visual, window)
+    ratios = [int(r) for r in ratios]
+    if len(ratios) != count:
+        raise PlanError(f"{num_visual} visual tokens make {count} window(s) of {window}, "
+                        f"but the schedule gives {len(ratios)} ratio(s)")
+    bad = [r for r in ratios if r < 1]
+    if bad:
+        raise PlanError(f"compression ratios must be integers >= 1, got {bad}")
+    windows, carry = [], 0
+    for i, r in enumerate(ratios):
+        raw = min(window, num_visual - i * window)
+        vst_after = tuple(range(r - carry, raw + 1, r))
+        windows.append(Window(start=prefix + i * window, raw=raw, ratio=r, carry_in=carry, vst_after=vst_after))
+        carry = (raw + carry) % r
+    return Plan(prefix=prefix, num_visual=num_visual, suffix=suffix, windows=tuple(windows))
