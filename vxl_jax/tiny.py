@@ -14,7 +14,7 @@ import numpy as np
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion import keymap
 from vxl_jax.conversion.checkpoint import write_hf
-from vxl_jax.conversion.engine import _set
+from vxl_jax.conversion.engine import set_path
 
 _EMBEDDINGS = ("embed_tokens", "position_embedding", "class_embedding")
 _NORMS = ("norm", "layrnorm", "layer_norm")
@@ -51,9 +51,9 @@ def random_params(cfg: VideoXLConfig, seed: int = 0) -> dict:
             target = staged.setdefault(rule.path, np.empty(rule.jax_shape(), np.float32))
             target[int(rule.pattern.match(key).group(1))] = tensor
         else:
-            _set(params, rule.path, tensor)
+            set_path(params, rule.path, tensor)
     for path, target in staged.items():
-        _set(params, path, target)
+        set_path(params, path, target)
     return params
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from vxl_jax.config import (_LLM_FIELDS, KNOWN_VISION_TOWERS, ClipVisionConfig, ConfigError, ProjectorConfig,
                             Qwen2Config, VideoXLConfig, VSTConfig)
 from vxl_jax.conversion import keymap
-from vxl_jax.conversion.engine import (ConversionError, ConversionStats, _set, hf_to_params, iter_targets,
+from vxl_jax.conversion.engine import (ConversionError, ConversionStats, set_path, hf_to_params, iter_targets,
                                        params_to_hf)
 from vxl_jax.conversion.safetensors_io import CheckpointReader, write_checkpoint
 from vxl_jax.model import projector as projector_model
@@ -94,8 +94,9 @@ def load_model(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, 
 def save_jax(out: str, params, cfg: VideoXLConfig, side_files_from: Optional[str] = None) -> None:
     """Writes a vxl_jax checkpoint dir. `params` is a tree, or an iterable of (path, array) targets.
 
-    Targets are saved one at a time (orbax partial save), so an iterable that
-    produces them lazily keeps memory at one target, whatever the model size.
+    Targets go to orbax in partial saves of about `_SAVE_BATCH_BYTES`, so an
+    iterable that produces them lazily keeps memory near one stacked target,
+    whatever the model size.
     """
     orbax = _orbax_v1()
     os.makedirs(out, exist_ok=True)
@@ -107,7 +108,7 @@ def save_jax(out: str, params, cfg: VideoXLConfig, side_files_from: Optional[str
     held = 0
     for path, array in items:
         array = np.asarray(array)
-        _set(batch, tuple(path), array)
+        set_path(batch, tuple(path), array)
         held += array.nbytes
         if held >= _SAVE_BATCH_BYTES:
             orbax.partial.save(target, batch)

@@ -130,7 +130,7 @@ def hf_to_params(reader: CheckpointReader, rules: Sequence[Rule], **kwargs) -> t
     stats = ConversionStats()
     params: dict = {}
     for path, target in iter_targets(reader, rules, stats, **kwargs):
-        _set(params, path, target)
+        set_path(params, path, target)
     return params, stats
 
 
@@ -138,7 +138,7 @@ def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[st
     """(generator of (HF key, tensor) in rule order, HF key -> (shape, dtype)). Checks shapes first."""
     problems = []
     for rule in rules:
-        leaf = _get(params, rule.path)
+        leaf = get_path(params, rule.path)
         if leaf is None:
             problems.append(f"params lack {'/'.join(rule.path)} (for {rule.hf})")
         elif tuple(leaf.shape) != rule.jax_shape():
@@ -146,25 +146,25 @@ def params_to_hf(params: dict, rules: Sequence[Rule]) -> tuple[Iterator[tuple[st
                             f"config expects {list(rule.jax_shape())}")
     if problems:
         raise ConversionError(problems, "params")
-    specs = {key: (tuple(rule.hf_shape), np.dtype(_get(params, rule.path).dtype))
+    specs = {key: (tuple(rule.hf_shape), np.dtype(get_path(params, rule.path).dtype))
              for rule in rules for key in rule.hf_keys()}
 
     def generate():
         for rule in rules:
-            leaf = np.asarray(_get(params, rule.path))
+            leaf = np.asarray(get_path(params, rule.path))
             slices = [leaf[i] for i in range(rule.layers)] if rule.layers else [leaf]
             for key, part in zip(rule.hf_keys(), slices):
                 yield key, np.ascontiguousarray(rule.transform.to_hf(part))
     return generate(), specs
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def get_path(tree: dict, path: tuple[str, ...]):
     for name in path:
         if not isinstance(tree, dict) or name not in tree:
             return None
