@@ -47,7 +47,17 @@ def test_mixed_ratios_and_interleaving():
 
 
 def test_bad_schedules_are_refused_with_a_reason():
-    with pytest.raises(PlanError, match="integers >= 1, got \\[0\\]"):
+    with pytest.raises(PlanError, match="integers >= 1 \\(or None for no compression\\), got \\[0\\]"):
         make_plan(14, 1440, 16, [0])
+    with pytest.raises(PlanError, match="got \\[-4, 2.5\\]"):
+        make_plan(14, 2881, 16, [-4, 2.5, 4])
     with pytest.raises(PlanError, match="make 2 window\\(s\\) of 1440, but the schedule gives 1"):
         make_plan(14, 1441, 16, [4])
+
+
+def test_uncompressed_windows_keep_every_raw_token_and_restart_the_carry():
+    plan = make_plan(3, 25, 2, [7, None, 7], window=10)
+    assert plan.kept_per_window == [1, 10, 0]
+    assert [w.carry_in for w in plan.windows] == [0, 3, 0]
+    assert plan.memory_after_prefill == 3 + 11 + 2
+    np.testing.assert_array_equal(plan.windows[1].interleaved(), np.arange(10))

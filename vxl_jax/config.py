@@ -216,8 +216,8 @@ class VideoXLConfig:
     # Name (or relative path) of the vision tower, as in `mm_vision_tower`.
     vision_tower_name: str = "vision_tower"
     # HF keys we do not model, kept verbatim for the round trip.
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    vision_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # hashable: usable as a jit static arg
+    vision_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if self.projector.mm_hidden_size != self.vision.hidden_size:

@@ -9,13 +9,16 @@ window (0 at the start) it gets floor((n + c) / r) VSTs, the first after r - c
 raw tokens and then one after every r; (n + c) mod r is carried on. Raw tokens
 after a window's last VST are dropped with the window.
 
+A ratio of `None` leaves a window uncompressed: its raw tokens' keys/values are
+all kept (and the carry restarts at 0), which is the plain causal forward.
+
 Everything here is numpy on the host; the arrays feed one compiled prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,13 +31,22 @@ class PlanError(ValueError):
 class Window:
     start: int          # index of the window's first raw token in the full (expanded) sequence
     raw: int            # raw visual tokens in the window
-    ratio: int
+    ratio: Optional[int]  # None: uncompressed, every raw token is kept
     carry_in: int       # remainder carried in from the previous window
     vst_after: tuple[int, ...]  # for each VST, how many raw tokens of this window precede it
 
     @property
     def num_vst(self) -> int:
         return len(self.vst_after)
+
+    @property
+    def kept(self) -> int:
+        """Keys/values per layer this window leaves in the memory."""
+        return self.raw if self.ratio is None else self.num_vst
+
+    def vst_slots(self) -> np.ndarray:
+        """Index of each VST among the window's fed tokens."""
+        return np.asarray(self.vst_after, np.int64) + np.arange(self.num_vst)
 
     @property
     def length(self) -> int:
@@ -45,9 +57,8 @@ class Window:
         """Per fed token: index of its raw token inside the window, or -1 for a VST."""
         out = np.empty(self.length, np.int64)
         raw_at = np.arange(self.raw)
-        vst_slots = np.asarray(self.vst_after, np.int64) + np.arange(self.num_vst)
         is_vst = np.zeros(self.length, bool)
-        is_vst[vst_slots] = True
+        is_vst[self.vst_slots()] = True
         out[~is_vst] = raw_at
         out[is_vst] = -1
         return out
@@ -59,6 +70,7 @@ class Plan:
     num_visual: int
     suffix: int
     windows: tuple[Window, ...]
+    window: int = 1440   # raw tokens per full window
 
     @property
     def num_vst(self) -> int:
@@ -69,33 +81,50 @@ class Plan:
         return [w.num_vst for w in self.windows]
 
     @property
+    def kept_per_window(self) -> list[int]:
+        return [w.kept for w in self.windows]
+
+    @property
     def memory_after_prefill(self) -> int:
-        """KV entries kept per layer after prefill: prefix + all VSTs + suffix."""
-        return self.prefix + self.num_vst + self.suffix
+        """KV entries kept per layer after prefill: prefix + what the windows keep + suffix."""
+        return self.prefix + sum(self.kept_per_window) + self.suffix
 
 
 def num_windows(num_visual: int, window: int = 1440) -> int:
     return -(-num_visual // window)
 
 
-def make_plan(prefix: int, num_visual: int, suffix: int, ratios: Sequence[int], *, window: int = 1440) -> Plan:
-    """Plans the windows of one sequence; `ratios` has one entry per window."""
+def check_ratios(ratios: Sequence[Optional[int]]) -> list[Optional[int]]:
+    """Ratios as ints (None kept); raises PlanError on anything below 1 or not an integer."""
+    out, bad = [], []
+    for r in ratios:
+        if r is None:
+            out.append(None)
+        elif isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 1:
+            out.append(int(r))
+        else:
+            bad.append(r)
+    if bad:
+        raise PlanError(f"compression ratios must be integers >= 1 (or None for no compression), got {bad}")
+    return out
+
+
+def make_plan(prefix: int, num_visual: int, suffix: int, ratios: Sequence[Optional[int]], *,
+              window: int = 1440) -> Plan:
+    """Plans the windows of one sequence; `ratios` has one entry per window (None: uncompressed)."""
     if window < 1:
         raise PlanError(f"window must be >= 1, got {window}")
     if min(prefix, num_visual, suffix) < 0:
         raise PlanError(f"negative segment length: prefix {prefix}, visual {num_visual}, suffix {suffix}")
     count = num_windows(num_visual, window)
-    ratios = [int(r) for r in ratios]
+    ratios = check_ratios(ratios)
     if len(ratios) != count:
         raise PlanError(f"{num_visual} visual tokens make {count} window(s) of {window}, "
                         f"but the schedule gives {len(ratios)} ratio(s)")
-    bad = [r for r in ratios if r < 1]
-    if bad:
-        raise PlanError(f"compression ratios must be integers >= 1, got {bad}")
     windows, carry = [], 0
     for i, r in enumerate(ratios):
         raw = min(window, num_visual - i * window)
-        vst_after = tuple(range(r - carry, raw + 1, r))
+        vst_after = () if r is None else tuple(range(r - carry, raw + 1, r))
         windows.append(Window(start=prefix + i * window, raw=raw, ratio=r, carry_in=carry, vst_after=vst_after))
-        carry = (raw + carry) % r
-    return Plan(prefix=prefix, num_visual=num_visual, suffix=suffix, windows=tuple(windows))
+        carry = 0 if r is None else (raw + carry) % r
+    return Plan(prefix=prefix, num_visual=num_visual, suffix=suffix, windows=tuple(windows), window=window)
