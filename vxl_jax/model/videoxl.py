@@ -80,18 +80,23 @@ def forward(params: dict, cfg: VideoXLConfig, input_ids: jax.Array, *, visual_ma
     return qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
 
 
-def expand_placeholder(input_ids: np.ndarray, num_visual: int, placeholder_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Host helper: a 1-D prompt with exactly one IMAGE_TOKEN_INDEX -> (expanded ids, visual mask).
-
-    The placeholder rows get `placeholder_id` (never looked up: features replace them).
-    """
+def split_prompt(input_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Host helper: a 1-D prompt with exactly one IMAGE_TOKEN_INDEX -> (prefix ids, suffix ids)."""
     ids = np.asarray(input_ids).reshape(-1)
     where = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
     if len(where) != 1:
         raise ValueError(f"the prompt must hold exactly one <image> placeholder ({IMAGE_TOKEN_INDEX}), "
                          f"found {len(where)}")
-    p = int(where[0])
-    expanded = np.concatenate([ids[:p], np.full(num_visual, placeholder_id, ids.dtype), ids[p + 1:]])
+    return ids[:where[0]], ids[where[0] + 1:]
+
+
+def expand_placeholder(input_ids: np.ndarray, num_visual: int, placeholder_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Host helper: a 1-D prompt with exactly one IMAGE_TOKEN_INDEX -> (expanded ids, visual mask).
+
+    The placeholder rows get `placeholder_id` (never looked up: features replace them).
+    """
+    prefix, suffix = split_prompt(input_ids)
+    expanded = np.concatenate([prefix, np.full(num_visual, placeholder_id, prefix.dtype), suffix])
     mask = np.zeros(expanded.shape, bool)
-    mask[p:p + num_visual] = True
+    mask[len(prefix):len(prefix) + num_visual] = True
     return expanded, mask
