@@ -48,6 +48,7 @@ class Sampling:
 
 
 GREEDY = Sampling()
+TRACES = {"generate": 0}  # incremented at trace time; tests count compilations with it
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
@@ -98,6 +99,7 @@ def generate(params: dict, cfg: VideoXLConfig, memory: Memory, last_logits: jax.
     The memory needs room for `max_new_tokens - 1` more entries per row (the
     last token is returned, not fed); `packing.pack(max_new_tokens=...)` sizes it.
     """
+    TRACES["generate"] += 1
     batch, vocab = last_logits.shape
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
 
