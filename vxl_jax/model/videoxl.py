@@ -21,6 +21,7 @@ from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import clip, projector, qwen2
 
 IMAGE_TOKEN_INDEX = -200  # the `<image>` placeholder id in a prompt (LLaVA convention)
+CPU_FRAME_CHUNK = 2       # frames per CLIP call on CPU (see frame_features)
 
 
 def init_params(cfg: VideoXLConfig, key: jax.Array, param_dtype=jnp.float32) -> dict:
@@ -38,10 +39,27 @@ def clip_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp
     return hidden[:, 1:]
 
 
-def frame_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Preprocessed frames [F, C, H, W] -> visual tokens [F, tokens_per_frame, D]."""
-    projected = projector.project(params["projector"], clip_features(params, cfg, pixels, dtype), dtype)
-    return projector.avg_pool_grid(projected, cfg.vision.grid, cfg.projector.pool_stride)
+def frame_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32,
+                   frame_chunk: Optional[int] = None) -> jax.Array:
+    """Preprocessed frames [F, C, H, W] -> visual tokens [F, tokens_per_frame, D].
+
+    Frames are independent, so they run `frame_chunk` at a time (`lax.map`):
+    on CPU small chunks keep each frame's attention scores in cache (40 frames
+    of bench_small on 2 CPU cores: 2.3 s whole, 1.1 s in chunks of 2). Default: 2 on CPU, all
+    frames at once elsewhere.
+    """
+    def one(chunk):
+        projected = projector.project(params["projector"], clip_features(params, cfg, chunk, dtype), dtype)
+        return projector.avg_pool_grid(projected, cfg.vision.grid, cfg.projector.pool_stride)
+
+    frames = pixels.shape[0]
+    chunk = frame_chunk or (CPU_FRAME_CHUNK if jax.default_backend() == "cpu" else frames)
+    if chunk >= frames:
+        return one(pixels)
+    count = -(-frames // chunk)
+    padded = jnp.pad(pixels, ((0, count * chunk - frames),) + ((0, 0),) * (pixels.ndim - 1))
+    out = jax.lax.map(one, padded.reshape(count, chunk, *pixels.shape[1:]))
+    return out.reshape(count * chunk, *out.shape[2:])[:frames]
 
 
 def splice_visual(embeds: jax.Array, visual_mask: jax.Array, features: jax.Array) -> jax.Array:
