@@ -22,7 +22,7 @@ import numpy as np
 from vxl_jax.compress import schedules
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion.checkpoint import read_hf
-from vxl_jax.model import clip, projector, qwen2, videoxl
+from vxl_jax.model import projector, qwen2, videoxl
 from vxl_jax import pipeline
 
 # FORMAT.md section 7: float32 port tolerances.

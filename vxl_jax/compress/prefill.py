@@ -62,16 +62,15 @@ def _window_visual(params, cfg: VideoXLConfig, visual, w, window: int, pixel_nor
 
 
 def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Optional[int], remat: str):
-    """The step of one ratio: (cache, length, feats, raw, kept, slots) -> (cache, length)."""
+    """The step of one ratio: (cache, length, feats, kept, slots) -> (cache, length)."""
     fed = spec.fed_length(ratio)
     n_vst = spec.max_vst(ratio)
 
     def step(cache, length, feats, kept, slots):
         b = length.shape[0]
-        t = jnp.arange(fed, dtype=jnp.int32)
-        x = feats[:, :fed] if ratio is None else None
-        is_vst = None
+        x, is_vst = feats, None                               # ratio None: the raw tokens as they are
         if ratio is not None:
+            t = jnp.arange(fed, dtype=jnp.int32)
             slots = slots[:, :n_vst]
             valid = jnp.arange(n_vst)[None, :] < kept[:, None]
             is_vst = jnp.zeros((b, fed), bool).at[jnp.arange(b)[:, None], jnp.where(valid, slots, fed)].set(
