@@ -97,7 +97,8 @@ def generate(params: dict, cfg: VideoXLConfig, memory: Memory, last_logits: jax.
     """Decodes up to `max_new_tokens` per row, starting from the prefill's last logits [B, V].
 
     The memory needs room for `max_new_tokens - 1` more entries per row (the
-    last token is returned, not fed); `packing.pack(max_new_tokens=...)` sizes it.
+    last token is returned, not fed); `packing.pack(max_new_tokens=...)` sizes it
+    and `pipeline.run` checks it before running.
     """
     TRACES["generate"] += 1
     batch, vocab = last_logits.shape
@@ -132,10 +133,3 @@ def generate(params: dict, cfg: VideoXLConfig, memory: Memory, last_logits: jax.
 generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id",
                                                   "return_logits", "dtype"))
 
-
-def check_room(memory: Memory, max_new_tokens: int) -> None:
-    """Raises ValueError when a row's memory has no room for the tokens to feed back."""
-    need = int(jnp.max(memory.length)) + max_new_tokens - 1
-    if need > memory.size:
-        raise ValueError(f"the memory holds {memory.size} entries per row but decoding {max_new_tokens} "
-                         f"tokens needs {need}; pack the prefill with max_new_tokens >= {max_new_tokens}")

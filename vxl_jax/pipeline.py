@@ -24,7 +24,7 @@ from vxl_jax.compress.plan import Plan, make_plan, num_windows
 from vxl_jax.compress.prefill import PrefillResult, prefill_jit
 from vxl_jax.compress.schedules import Schedule
 from vxl_jax.config import VideoXLConfig
-from vxl_jax.generate import GREEDY, Generation, Sampling, check_room, generate_jit
+from vxl_jax.generate import GREEDY, Generation, Sampling, generate_jit
 from vxl_jax.model.videoxl import split_prompt
 
 
@@ -99,10 +99,14 @@ def run(params: dict, cfg: VideoXLConfig, prepared: Prepared, *, max_new_tokens:
     """Prefill then decode; sampling needs an explicit `key` (greedy ignores it)."""
     if not sampling.greedy and key is None:
         raise ValueError("sampling needs an explicit PRNG key (key=jax.random.key(seed))")
+    # The last token is returned, not fed: max_new_tokens - 1 more entries per row.
+    need = max(p.memory_after_prefill for p in prepared.plans) + max_new_tokens - 1
+    if need > prepared.spec.buffer_size:
+        raise ValueError(f"the memory holds {prepared.spec.buffer_size} entries per row but decoding "
+                         f"{max_new_tokens} tokens needs {need}; pack the prefill with max_new_tokens >= {max_new_tokens}")
     norm = None if pixel_norm is None else tuple(jnp.asarray(x, jnp.float32) for x in pixel_norm)
     result = prefill_jit(params, cfg, prepared.arrays, jnp.asarray(prepared.visual), spec=prepared.spec,
                          pixel_norm=norm, dtype=dtype)
-    check_room(result.memory, max_new_tokens)
     gen = generate_jit(params, cfg, result.memory, result.last_logits,
                        key if key is not None else jax.random.key(0), max_new_tokens=max_new_tokens,
                        sampling=sampling, eos_ids=tuple(eos_ids), pad_id=pad_id, return_logits=return_logits,

@@ -86,7 +86,6 @@ class PlanArrays:
     suffix_ids: np.ndarray   # [B, S] int32, right-padded
     suffix_len: np.ndarray   # [B]
     branch: np.ndarray       # [W] index into spec.ratios; spec.noop_branch for a window no row has
-    raw: np.ndarray          # [B, W] raw visual tokens of the window (0 past the row's video)
     kept: np.ndarray         # [B, W] entries the window leaves in memory
     vst_slots: np.ndarray    # [B, W, spec.slot_width] index of each VST among the fed tokens
 
@@ -150,7 +149,7 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
         prefix_ids=np.zeros((batch, p_len), np.int32), prefix_len=np.zeros(batch, np.int32),
         suffix_ids=np.zeros((batch, s_len), np.int32), suffix_len=np.zeros(batch, np.int32),
         branch=np.full(n_win, spec.noop_branch, np.int32),
-        raw=np.zeros((batch, n_win), np.int32), kept=np.zeros((batch, n_win), np.int32),
+        kept=np.zeros((batch, n_win), np.int32),
         vst_slots=np.zeros((batch, n_win, spec.slot_width), np.int32))
     for w, r in enumerate(per_window):
         arrays.branch[w] = branch_set.index(r)
@@ -160,7 +159,6 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
         arrays.suffix_ids[b, :plan.suffix] = suf
         arrays.suffix_len[b] = plan.suffix
         for w, win in enumerate(plan.windows):
-            arrays.raw[b, w] = win.raw
             arrays.kept[b, w] = win.kept
             arrays.vst_slots[b, w, :win.num_vst] = win.vst_slots()
     return arrays, spec
