@@ -79,13 +79,11 @@ def run_point(args) -> dict:
     rng = np.random.default_rng(0)
     pixels_u8 = rng.integers(0, 256, (frames, 3, cfg.vision.image_size, cfg.vision.image_size), np.uint8)
     prompt = np.concatenate([rng.integers(11, 1000, 14), [-200], rng.integers(11, 1000, 16)])
-    mean = jnp.asarray(np.asarray(CLIP_MEAN) * 255.0, jnp.float32)[:, None, None]
-    std = jnp.asarray(np.asarray(CLIP_STD) * 255.0, jnp.float32)[:, None, None]
+    mean, std = np.asarray(CLIP_MEAN) * 255.0, np.asarray(CLIP_STD) * 255.0
 
     @jax.jit
     def features(u8):
-        pixels = ((u8.astype(jnp.float32) - mean) / std).astype(dtype)
-        return videoxl.frame_features(params, cfg, pixels, dtype=dtype)
+        return videoxl.frame_features(params, cfg, videoxl.normalise_pixels(u8, mean, std, dtype), dtype=dtype)
 
     schedule = schedules.uncompressed() if ratio is None else schedules.fixed(ratio)
     tokens = frames * cfg.tokens_per_frame

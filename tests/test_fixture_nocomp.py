@@ -1,20 +1,16 @@
 """Parity with the original PyTorch Video-XL on the `nocomp_4f` golden fixture (uncompressed path)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vxl_jax.conversion.checkpoint import read_hf
+from vxl_jax import golden
 from vxl_jax.model import projector, qwen2, videoxl
 
 
 @pytest.fixture(scope="module")
 def case(fixtures):
-    params, cfg, _ = read_hf(str(fixtures / "ckpt_A"))
-    rows = np.load(fixtures / "ckpt_A" / "resize_rows.npz")
-    params = jax.tree.map(jnp.asarray, params)
-    params["llm"] = qwen2.extend_vocab(params["llm"], rows["embed_tokens_row"], rows["lm_head_row"])
+    params, cfg, _ = golden.load_checkpoint(fixtures / "ckpt_A")      # + resize_rows.npz: 513 columns
     inputs = dict(np.load(fixtures / "nocomp_4f" / "inputs.npz"))
     expected = dict(np.load(fixtures / "nocomp_4f" / "expected.npz"))
     pixels = (inputs["pixel_u8"].astype(np.float32) - 128.0) / 64.0

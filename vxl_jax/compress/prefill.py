@@ -53,11 +53,9 @@ def _window_visual(params, cfg: VideoXLConfig, visual, w, window: int, pixel_nor
     frames = window // per_frame
     chunk = jax.lax.dynamic_slice_in_dim(visual, w * frames, frames, axis=1)
     b = chunk.shape[0]
-    pixels = chunk.reshape(b * frames, *chunk.shape[2:]).astype(jnp.float32)
-    if pixel_norm is not None:
-        mean, std = pixel_norm
-        pixels = (pixels - mean[:, None, None]) / std[:, None, None]
-    feats = videoxl.frame_features(params, cfg, pixels.astype(dtype), dtype=dtype)
+    pixels = chunk.reshape(b * frames, *chunk.shape[2:])
+    pixels = pixels.astype(dtype) if pixel_norm is None else videoxl.normalise_pixels(pixels, *pixel_norm, dtype)
+    feats = videoxl.frame_features(params, cfg, pixels, dtype=dtype)
     return feats.reshape(b, frames * per_frame, -1)
 
 

@@ -39,6 +39,13 @@ def clip_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp
     return hidden[:, 1:]
 
 
+def normalise_pixels(frames: jax.Array, mean: jax.Array, std: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Raw frames [F, C, H, W] (uint8 or float) -> model input, per channel (x - mean[C]) / std[C] in float32."""
+    x = (frames.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)[:, None, None]) \
+        / jnp.asarray(std, jnp.float32)[:, None, None]
+    return x.astype(dtype)
+
+
 def frame_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32,
                    frame_chunk: Optional[int] = None) -> jax.Array:
     """Preprocessed frames [F, C, H, W] -> visual tokens [F, tokens_per_frame, D].
