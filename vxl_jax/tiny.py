@@ -57,8 +57,17 @@ def random_params(cfg: VideoXLConfig, seed: int = 0) -> dict:
     return params
 
 
-def write_tiny_checkpoint(out_dir: str, seed: int = 0, cfg: VideoXLConfig | None = None) -> VideoXLConfig:
-    """Writes a seeded random Video-XL checkpoint (HF format) to out_dir; returns its config."""
+def write_tiny_checkpoint(out_dir: str, seed: int = 0, cfg: VideoXLConfig | None = None,
+                          tokenizer: bool = True) -> VideoXLConfig:
+    """Writes a seeded random Video-XL checkpoint (HF format) to out_dir; returns its config.
+
+    With `tokenizer`, the project's tiny BPE tokenizer (Qwen2 special tokens and
+    chat template, `data/tiny_tokenizer.py`) is saved beside the weights, sized
+    to the config's vocabulary (up to 65536 ids), so `vxl infer` can run on it.
+    """
     cfg = cfg or tiny_config()
     write_hf(out_dir, random_params(cfg, seed), cfg)
+    if tokenizer and cfg.llm.vocab_size <= 65536:
+        from vxl_jax.data import tiny_tokenizer
+        tiny_tokenizer.save(out_dir, cfg.llm.vocab_size)
     return cfg

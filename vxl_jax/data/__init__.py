@@ -1,0 +1,1 @@
+"""Data: video reading, CLIP preprocessing, prompts and labels, the training loader."""

@@ -1,0 +1,349 @@
+"""The training loader: LLaVA annotations -> fixed-shape batches, on grain.
+
+    cfg = LoaderConfig(annotations="train.jsonl", media_root="media/", tokenizer="ckpt/",
+                       frames=40, batch_size=4, curriculum=curriculum.paper(stage1_steps=2000))
+    it = iter(build_dataset(cfg))
+    batch = next(it)            # dict of numpy arrays, see `collate`
+    it.metrics()                # records seen, batches, skipped records by reason
+
+The pipeline, per JAX process:
+
+    source -> shuffle(seed) -> repeat(epochs) -> [process::processes] -> read + preprocess + tokenize
+           -> (worker processes) -> skip and count bad records -> batch to a size bucket + ratios
+
+Reading, preprocessing and tokenizing run in grain worker processes when
+`num_workers > 0`. Bad records (unreadable media, a missing or extra `<image>`,
+text longer than the largest bucket, nothing to learn) come out of the
+workers as `Skipped` values and are counted in the main process, so the
+counts are exact whatever the worker count; nothing is swapped for another
+record. The curriculum's ratios are assigned when a batch is formed, from
+(seed, step, record index), and the step count and skip counts are part of
+the iterator state, so a run restored from a checkpoint sees exactly the
+batches, ratios and counts it would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+from typing import Any, Optional
+
+import numpy as np
+
+from vxl_jax.data import curriculum as curriculum_lib
+from vxl_jax.data import preprocess, prompts, records, video
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("unreadable_media", "placeholder", "too_long", "bad_conversation", "no_labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    annotations: str                       # JSON list or JSONL of LLaVA records
+    tokenizer: str                         # a checkpoint dir holding the tokenizer files
+    media_root: str = ""
+    frames: Optional[int] = 32             # uniform frames per video, or None to sample by fps
+    fps: Optional[float] = None
+    max_frames: Optional[int] = None       # cap for fps sampling (and for image lists)
+    image_size: int = 336
+    tokens_per_frame: int = 144
+    window: int = 1440                     # visual tokens per compression window
+    frame_buckets: tuple[int, ...] = (10, 20, 40, 80, 160, 320)
+    text_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    batch_size: int = 1
+    drop_remainder: bool = True
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: Optional[int] = None       # None repeats forever
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    label_mode: prompts.LabelMode = "original"
+    system: str = prompts.SYSTEM_MESSAGE
+    curriculum: curriculum_lib.Curriculum = curriculum_lib.fixed(8)
+    shard_index: Optional[int] = None      # None: jax.process_index()
+    shard_count: Optional[int] = None      # None: jax.process_count()
+
+    def __post_init__(self):
+        per_window = self.window / self.tokens_per_frame
+        if per_window != int(per_window):
+            raise ValueError(f"a window of {self.window} tokens is not whole frames of {self.tokens_per_frame}")
+        bad = [b for b in self.frame_buckets if b < 1 or b % int(per_window)]
+        if bad or list(self.frame_buckets) != sorted(set(self.frame_buckets)):
+            raise ValueError(f"frame buckets must increase and be multiples of {int(per_window)} frames (one "
+                             f"window), got {self.frame_buckets}")
+        if not self.text_buckets or list(self.text_buckets) != sorted(set(self.text_buckets)):
+            raise ValueError(f"text buckets must increase, got {self.text_buckets}")
+        most = self.frames if self.frames is not None else self.max_frames
+        if most is None or most > self.frame_buckets[-1]:
+            raise ValueError(f"at most {most} frames per video but the largest frame bucket is "
+                             f"{self.frame_buckets[-1]}")
+        video.Sampling(frames=self.frames, fps=self.fps, max_frames=self.max_frames)  # validates the pair
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+
+    @property
+    def sampling(self) -> video.Sampling:
+        return video.Sampling(frames=self.frames, fps=self.fps, max_frames=self.max_frames)
+
+    @property
+    def max_images(self) -> int:
+        return self.frames or self.max_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A record the loader could not use, and why (travels from the workers to be counted)."""
+    index: int
+    reason: str      # one of SKIP_REASONS
+    detail: str
+
+
+class RecordTransform:
+    """record -> example dict (or Skipped): read + sample frames, crop to CLIP's size, tokenize with labels."""
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self._tokenizer = self._chat = None  # loaded lazily, once per worker process
+        # grain maps with a thread pool; HF fast tokenizers are not safe to share across threads.
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state):
+        self.__init__(state["cfg"])
+
+    @property
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = prompts.load_tokenizer(self.cfg.tokenizer)
+                self._chat = prompts.ChatTokens.of(self._tokenizer)
+        return self._tokenizer
+
+    def _encode(self, conversations):
+        tokenizer = self.tokenizer
+        with self._lock:
+            return prompts.encode_conversation(tokenizer, conversations, system=self.cfg.system,
+                                               label_mode=self.cfg.label_mode, chat=self._chat)
+
+    def __call__(self, record: dict):
+        index = int(record["index"])
+        cfg = self.cfg
+        try:
+            encoded = self._encode(record.get("conversations") or [])
+        except (prompts.PromptError, AttributeError, TypeError) as e:
+            return Skipped(index, "bad_conversation", str(e))
+        kind = records.media_kind(record)
+        want = 0 if kind == "text" else 1
+        if encoded.num_images != want:
+            return Skipped(index, "placeholder", f"{kind} record with {encoded.num_images} <image> placeholders, "
+                                                 f"expected {want}")
+        if len(encoded.input_ids) > cfg.text_buckets[-1]:
+            return Skipped(index, "too_long", f"{len(encoded.input_ids)} text tokens, the largest bucket holds "
+                                              f"{cfg.text_buckets[-1]}")
+        if not (encoded.labels != prompts.IGNORE_INDEX).any():
+            return Skipped(index, "no_labels", "no token carries a label")
+        try:
+            frames = records.read_media(record, cfg.media_root, cfg.sampling)
+        except (ValueError, OSError) as e:  # VideoError is a ValueError; its message names the file
+            return Skipped(index, "unreadable_media", str(e))
+        if frames is None:
+            frames = np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8)
+        else:
+            if len(frames) > cfg.max_images:
+                return Skipped(index, "too_long", f"{len(frames)} images, at most {cfg.max_images}")
+            frames = preprocess.crop_frames_u8(frames, cfg.image_size)
+        return {"input_ids": encoded.input_ids.astype(np.int32), "labels": encoded.labels.astype(np.int32),
+                "frames": frames, "index": index}
+
+
+def _bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(rows: list[dict], cfg: LoaderConfig, step: int, pad_id: int) -> dict:
+    """Pads examples to the batch's size bucket and assigns the curriculum's ratios.
+
+    input_ids / labels int32 [B, T] (aligned, labels not shifted; -200 marks the video; pad_id / -100
+    after the text), text_mask bool [B, T]; frames uint8 [B, F, 3, S, S], frame_mask bool [B, F],
+    num_frames int32 [B]; ratios int32 [B, F * tokens_per_frame / window] (0 for windows past a row's
+    video); index int64 [B] (the record); step int64 [].
+    """
+    size = cfg.image_size
+    t = _bucket(max(len(r["input_ids"]) for r in rows), cfg.text_buckets)
+    most = max(len(r["frames"]) for r in rows)
+    f = _bucket(most, cfg.frame_buckets) if most else 0
+    w = math.ceil(f * cfg.tokens_per_frame / cfg.window)
+    b = len(rows)
+    out = {"input_ids": np.full((b, t), pad_id, np.int32), "labels": np.full((b, t), prompts.IGNORE_INDEX, np.int32),
+           "text_mask": np.zeros((b, t), bool), "frames": np.zeros((b, f, 3, size, size), np.uint8),
+           "frame_mask": np.zeros((b, f), bool), "num_frames": np.zeros((b,), np.int32),
+           "ratios": np.zeros((b, w), np.int32), "index": np.zeros((b,), np.int64),
+           "step": np.asarray(step, np.int64)}
+    for i, r in enumerate(rows):
+        n, m = len(r["input_ids"]), len(r["frames"])
+        out["input_ids"][i, :n], out["labels"][i, :n], out["text_mask"][i, :n] = r["input_ids"], r["labels"], True
+        out["frames"][i, :m], out["frame_mask"][i, :m], out["num_frames"][i] = r["frames"], True, m
+        windows = math.ceil(m * cfg.tokens_per_frame / cfg.window)
+        out["ratios"][i, :windows] = cfg.curriculum.ratios(step, r["index"], windows)
+        out["index"][i] = r["index"]
+    return out
+
+
+def _grain():
+    import grain
+    return grain
+
+
+class _BatchIterator:
+    """Pulls examples, counts and drops Skipped ones, and batches the rest (state: parent, step, counts)."""
+
+    def __init__(self, parent, cfg: LoaderConfig, pad_id: int):
+        self._it = parent
+        self.cfg, self.pad_id = cfg, pad_id
+        self.step = 0
+        self.records_seen = 0
+        self.skipped = collections.Counter()
+        self.skipped_records: list[Skipped] = []   # this session's skips, in order (not checkpointed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = []
+        while len(rows) < self.cfg.batch_size:
+            try:
+                element = next(self._it)
+            except StopIteration:
+                if rows and not self.cfg.drop_remainder:
+                    break
+                raise
+            self.records_seen += 1
+            if isinstance(element, Skipped):
+                self.skipped[element.reason] += 1
+                self.skipped_records.append(element)
+                log.warning("skipped record %d (%s): %s", element.index, element.reason, element.detail)
+                continue
+            rows.append(element)
+        batch = collate(rows, self.cfg, self.step, self.pad_id)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._it.get_state(), "step": self.step, "records_seen": self.records_seen,
+                "skipped": {k: int(self.skipped.get(k, 0)) for k in SKIP_REASONS}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state["parent"])
+        self.step, self.records_seen = int(state["step"]), int(state["records_seen"])
+        self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items() if v})
+        self.skipped_records = []
+
+    def metrics(self) -> dict[str, int]:
+        """Counters to log: batches, records seen, records skipped (total and by reason)."""
+        out = {"data/batches": self.step, "data/records_seen": self.records_seen,
+               "data/records_skipped": sum(self.skipped.values())}
+        out.update({f"data/skipped_{k}": int(self.skipped.get(k, 0)) for k in SKIP_REASONS})
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def _make_iter_classes():
+    """grain's DatasetIterator / IterDataset subclasses, built on first use so importing this module stays light."""
+    grain = _grain()
+
+    class BatchIterator(_BatchIterator, grain.DatasetIterator):
+        def __init__(self, parent, cfg, pad_id):
+            grain.DatasetIterator.__init__(self, parent)
+            _BatchIterator.__init__(self, parent, cfg, pad_id)
+
+    class Batches(grain.IterDataset):
+        def __init__(self, parent, cfg: LoaderConfig, pad_id: int):
+            super().__init__(parent)
+            self.cfg, self.pad_id = cfg, pad_id
+
+        def __iter__(self):
+            return BatchIterator(self._parent.__iter__(), self.cfg, self.pad_id)
+
+        def __str__(self) -> str:
+            return f"Batches(batch_size={self.cfg.batch_size})"
+
+    return Batches
+
+
+_BATCHES = None
+
+
+def build_dataset(cfg: LoaderConfig):
+    """The grain IterDataset of training batches for this JAX process (iterate it for batches)."""
+    global _BATCHES
+    grain = _grain()
+    if _BATCHES is None:
+        _BATCHES = _make_iter_classes()
+    index, count = cfg.shard_index, cfg.shard_count
+    if index is None or count is None:
+        import jax
+        index, count = jax.process_index(), jax.process_count()
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}")
+    source = records.AnnotationSource(cfg.annotations)
+    if len(source) == 0:
+        raise ValueError(f"{cfg.annotations} holds no records")
+    ds = grain.MapDataset.source(source)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)[index::count]
+    transform = RecordTransform(cfg)
+    ds = ds.map(transform).to_iter_dataset()
+    if cfg.num_workers > 0:
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+    pad_id = transform.tokenizer.pad_token_id
+    return _BATCHES(ds, cfg, 0 if pad_id is None else int(pad_id))
+
+
+def _absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags; unparsed flags make them fail (grain issue 1355).
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def checkpoint_manager(directory: str, **options):
+    """An orbax CheckpointManager with a "data" item saved by grain's handler (one JSON per process)."""
+    import orbax.checkpoint as ocp
+    grain = _grain()
+    return ocp.CheckpointManager(directory, item_names=("data",),
+                                 item_handlers={"data": grain.checkpoint.CheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(**options))
+
+
+def save_state(manager, step: int, iterator) -> None:
+    import orbax.checkpoint as ocp
+    manager.save(step, args=ocp.args.Composite(data=_grain().checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+
+
+def restore_state(manager, iterator, step: Optional[int] = None):
+    """Restores `iterator` (a fresh one from the same config) to `step` (default: the latest saved)."""
+    import orbax.checkpoint as ocp
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no data checkpoint in {manager.directory}")
+    manager.restore(step, args=ocp.args.Composite(data=_grain().checkpoint.CheckpointRestore(iterator)))
+    return iterator

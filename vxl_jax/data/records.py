@@ -1,0 +1,100 @@
+"""LLaVA-format annotation files as a random-access source, and reading a record's media.
+
+An annotation file is a JSON list or JSONL of records such as
+
+    {"id": "v1", "video": "clips/v1.mp4", "conversations": [{"from": "human", "value": "<image>\\nQ?"},
+                                                             {"from": "gpt", "value": "A."}]}
+
+with `video`, `image` (a path or a list of paths) or neither (text only);
+media paths are relative to a media root. The source returns the record
+dict with its position added as `"index"`; parsing problems of the file
+itself (bad JSON) are errors, while problems of one record are found later,
+per record, and reported by the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vxl_jax.data import video
+
+
+def load_annotations(path: str) -> list[dict]:
+    """Reads a JSON list or a JSONL file; every record must be an object."""
+    with open(path) as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(f"{path}: records {bad[:5]} are not JSON objects")
+    return records
+
+
+class AnnotationSource:
+    """grain random-access source over an annotation file's records."""
+
+    def __init__(self, annotations: str | Sequence[dict]):
+        self.path = annotations if isinstance(annotations, str) else None
+        self._records = load_annotations(annotations) if isinstance(annotations, str) else list(annotations)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self._records[index], "index": int(index)}
+
+    def __repr__(self) -> str:
+        return f"AnnotationSource({self.path or 'in memory'}, {len(self)} records)"
+
+
+def media_kind(record: dict) -> str:
+    if record.get("video") is not None:
+        return "video"
+    if record.get("image") is not None:
+        return "image"
+    return "text"
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file, decoded with PyAV (ffmpeg reads png, jpeg, webp, bmp, ...)."""
+    import av
+
+    if not os.path.isfile(path):
+        raise video.VideoError(path, "no such file")
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, StopIteration, ValueError) as e:
+        raise video.VideoError(path, f"not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def read_media(record: dict, media_root: str, sampling: video.Sampling) -> Optional[np.ndarray]:
+    """uint8 frames [N, H, W, 3] of the record's video or images (all images must share a size); None for text."""
+    kind = media_kind(record)
+    if kind == "text":
+        return None
+    if kind == "video":
+        return video.read(os.path.join(media_root, record["video"]), sampling).frames
+    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    if not paths:
+        raise ValueError("the record's image list is empty")
+    images = [read_image(os.path.join(media_root, p)) for p in paths]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"the record's images differ in size ({sorted(shapes)})")
+    return np.stack(images)
