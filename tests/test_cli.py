@@ -11,7 +11,7 @@ from vxl_jax.conversion.safetensors_io import CheckpointReader
 
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["convert", "hf-to-jax", "--help"],
                                   ["convert", "jax-to-hf", "--help"], ["convert", "import-parts", "--help"],
-                                  ["tiny-model", "--help"], ["demo", "--help"]])
+                                  ["tiny-model", "--help"], ["demo", "--help"], ["infer", "--help"]])
 def test_help_explains_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         vxl(argv)
@@ -31,10 +31,11 @@ def test_tiny_model_command(tmp_path, capsys):
 
 
 def test_demo_runs_and_says_what_it_did(tmp_path, capsys):
-    assert vxl(["demo", "--out", str(tmp_path), "--frames", "2"]) == 0
+    assert vxl(["demo", "--out", str(tmp_path), "--frames", "12", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    for step in ("1. wrote a tiny random Video-XL checkpoint", "2. converted it", "3. generated a 2-frame",
-                 "4. CLIP -> projector", "5. uncompressed forward over 318 tokens", "6. next-token top-5", "done"):
+    for step in ("1. wrote a tiny random Video-XL checkpoint with its tokenizer", "2. converted it",
+                 "3. wrote a 12-frame 224x224 H.264 video", "4. vxl infer --checkpoint", "read 12 of 12 frames",
+                 "compressed 12 frames at ratio 4 into", "generated 3 tokens", "5. Q: What moves", "   A: ", "done"):
         assert step in out
 
 
