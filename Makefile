@@ -17,7 +17,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.runtime  ## tiny random model -> HF checkpoint -> JAX -> forward on a generated video
+demo: $(VENV)/.runtime  ## tiny random model + tokenizer -> HF -> JAX -> vxl infer on a generated H.264 video
 	$(BIN)/vxl demo
 
 test: $(VENV)/.test  ## the default test suite (slow tests excluded)
