@@ -177,6 +177,10 @@ def test_curriculum_modes():
         with pytest.raises(ValueError):
             curriculum.Curriculum(bad, mode="fixed" if len(bad[0][1]) == 2 else "step-random")
     assert curriculum.from_dict({"stages": [[6, [2, 4]], [None, [2, 4, 8]]], "mode": "step-random"}).stage(6) == 1
+    shipped = curriculum.load("curriculum_paper")
+    assert shipped == curriculum.paper(2000) and shipped.stage(1999) == 0 and shipped.stage(2000) == 1
+    with pytest.raises(FileNotFoundError):
+        curriculum.load("no_such_curriculum")
 
 
 def test_worker_processes_give_the_same_batches(dataset):

@@ -17,7 +17,8 @@ whole batch with one branch per window (`compress/packing.py`).
 Instance-random rows can differ, so that prefill can only run them one row
 per batch.
 
-The paper's schedule, {2, 4} then {2, 4, 8, 12, 16}, is `paper(stage1_steps)`.
+The paper's schedule, {2, 4} then {2, 4, 8, 12, 16}, is `paper(stage1_steps)`,
+or as a config file `load("curriculum_paper")` (`configs/curriculum_paper.json`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def fixed(ratio: int) -> Curriculum:
 def paper(stage1_steps: int, *, seed: int = 0, mode: Mode = "step-random") -> Curriculum:
     """The paper's curriculum: ratios {2, 4} for `stage1_steps`, then {2, 4, 8, 12, 16}."""
     return Curriculum(((stage1_steps, (2, 4)), (None, (2, 4, 8, 12, 16))), mode=mode, seed=seed)
+
+
+def load(name_or_path: str) -> Curriculum:
+    """A curriculum JSON by name in `configs/` (e.g. "curriculum_paper") or by path."""
+    import json
+    import os
+    path = name_or_path
+    if not os.path.isfile(path):
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no curriculum {name_or_path!r} (neither a file nor configs/{name_or_path}.json)")
+    with open(path) as f:
+        return from_dict(json.load(f))
 
 
 def from_dict(d: dict) -> Curriculum:
