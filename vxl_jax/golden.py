@@ -21,7 +21,7 @@ import numpy as np
 
 from vxl_jax.compress import schedules
 from vxl_jax.config import VideoXLConfig
-from vxl_jax.conversion.checkpoint import read_hf
+from vxl_jax.conversion.checkpoint import generation_eos_ids, read_hf
 from vxl_jax.model import projector, qwen2, videoxl
 from vxl_jax import pipeline
 
@@ -60,11 +60,9 @@ def load_checkpoint(ckpt_dir) -> tuple[dict, VideoXLConfig, dict]:
 
 
 def _eos_ids(ckpt_dir: pathlib.Path, meta: dict) -> tuple[int, ...]:
-    if "eos_token_id" in meta:
-        eos = meta["eos_token_id"]
-    else:
-        gen = ckpt_dir / "generation_config.json"
-        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if "eos_token_id" not in meta:
+        return generation_eos_ids(str(ckpt_dir))
+    eos = meta["eos_token_id"]
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)

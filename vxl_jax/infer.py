@@ -12,7 +12,6 @@ on device and streams them through CLIP window by window.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Optional
@@ -24,7 +23,7 @@ import numpy as np
 from vxl_jax import pipeline
 from vxl_jax.compress import schedules
 from vxl_jax.config import VideoXLConfig
-from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD, load_model
+from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD, generation_eos_ids, load_model
 from vxl_jax.data import preprocess, prompts, video
 from vxl_jax.generate import GREEDY, Sampling
 
@@ -37,12 +36,7 @@ def _silent(message: str) -> None:
 
 def eos_ids(checkpoint_dir: str, tokenizer) -> tuple[int, ...]:
     """Stop ids: generation_config.json's eos plus the tokenizer's eos and `<|im_end|>`."""
-    ids: list[int] = []
-    gen = os.path.join(checkpoint_dir, "generation_config.json")
-    if os.path.isfile(gen):
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    ids = list(generation_eos_ids(checkpoint_dir))
     for token in (getattr(tokenizer, "eos_token", None), "<|im_end|>"):
         if token is not None:
             i = tokenizer.convert_tokens_to_ids(token)

@@ -75,6 +75,15 @@ def _orbax_v1():
     return v1
 
 
+def generation_eos_ids(path: str) -> tuple[int, ...]:
+    """The eos id(s) of the checkpoint's generation_config.json (an int or a list there); () without one."""
+    gen = os.path.join(path, "generation_config.json")
+    eos = _read_json(gen).get("eos_token_id") if os.path.isfile(gen) else None
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
+
+
 def load_model(path: str, *, dtype=None, progress: bool = False) -> tuple[dict, VideoXLConfig]:
     """Params and config from either an HF Video-XL dir or a vxl_jax dir."""
     if is_jax_checkpoint(path):

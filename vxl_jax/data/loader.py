@@ -31,6 +31,7 @@ import math
 import threading
 from typing import Any, Optional
 
+import grain
 import numpy as np
 
 from vxl_jax.data import curriculum as curriculum_lib
@@ -198,30 +199,22 @@ def collate(rows: list[dict], cfg: LoaderConfig, step: int, pad_id: int) -> dict
     return out
 
 
-def _grain():
-    import grain
-    return grain
-
-
-class _BatchIterator:
+class BatchIterator(grain.DatasetIterator):
     """Pulls examples, counts and drops Skipped ones, and batches the rest (state: parent, step, counts)."""
 
     def __init__(self, parent, cfg: LoaderConfig, pad_id: int):
-        self._it = parent
+        super().__init__(parent)
         self.cfg, self.pad_id = cfg, pad_id
         self.step = 0
         self.records_seen = 0
         self.skipped = collections.Counter()
         self.skipped_records: list[Skipped] = []   # this session's skips, in order (not checkpointed)
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
         rows = []
         while len(rows) < self.cfg.batch_size:
             try:
-                element = next(self._it)
+                element = next(self._parent)
             except StopIteration:
                 if rows and not self.cfg.drop_remainder:
                     break
@@ -238,11 +231,11 @@ class _BatchIterator:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._it.get_state(), "step": self.step, "records_seen": self.records_seen,
+        return {"parent": self._parent.get_state(), "step": self.step, "records_seen": self.records_seen,
                 "skipped": {k: int(self.skipped.get(k, 0)) for k in SKIP_REASONS}}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state["parent"])
+        self._parent.set_state(state["parent"])
         self.step, self.records_seen = int(state["step"]), int(state["records_seen"])
         self.skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items() if v})
         self.skipped_records = []
@@ -254,44 +247,23 @@ class _BatchIterator:
         out.update({f"data/skipped_{k}": int(self.skipped.get(k, 0)) for k in SKIP_REASONS})
         return out
 
-    def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
 
+class Batches(grain.IterDataset):
+    """The batching stage on top of the per-record pipeline (see the module docstring)."""
 
-def _make_iter_classes():
-    """grain's DatasetIterator / IterDataset subclasses, built on first use so importing this module stays light."""
-    grain = _grain()
+    def __init__(self, parent, cfg: LoaderConfig, pad_id: int):
+        super().__init__(parent)
+        self.cfg, self.pad_id = cfg, pad_id
 
-    class BatchIterator(_BatchIterator, grain.DatasetIterator):
-        def __init__(self, parent, cfg, pad_id):
-            grain.DatasetIterator.__init__(self, parent)
-            _BatchIterator.__init__(self, parent, cfg, pad_id)
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self._parent.__iter__(), self.cfg, self.pad_id)
 
-    class Batches(grain.IterDataset):
-        def __init__(self, parent, cfg: LoaderConfig, pad_id: int):
-            super().__init__(parent)
-            self.cfg, self.pad_id = cfg, pad_id
-
-        def __iter__(self):
-            return BatchIterator(self._parent.__iter__(), self.cfg, self.pad_id)
-
-        def __str__(self) -> str:
-            return f"Batches(batch_size={self.cfg.batch_size})"
-
-    return Batches
-
-
-_BATCHES = None
+    def __str__(self) -> str:
+        return f"Batches(batch_size={self.cfg.batch_size})"
 
 
 def build_dataset(cfg: LoaderConfig):
     """The grain IterDataset of training batches for this JAX process (iterate it for batches)."""
-    global _BATCHES
-    grain = _grain()
-    if _BATCHES is None:
-        _BATCHES = _make_iter_classes()
     index, count = cfg.shard_index, cfg.shard_count
     if index is None or count is None:
         import jax
@@ -312,7 +284,7 @@ def build_dataset(cfg: LoaderConfig):
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     pad_id = transform.tokenizer.pad_token_id
-    return _BATCHES(ds, cfg, 0 if pad_id is None else int(pad_id))
+    return Batches(ds, cfg, 0 if pad_id is None else int(pad_id))
 
 
 def _absl_flags_parsed() -> None:
@@ -327,7 +299,6 @@ def _absl_flags_parsed() -> None:
 def checkpoint_manager(directory: str, **options):
     """An orbax CheckpointManager with a "data" item saved by grain's handler (one JSON per process)."""
     import orbax.checkpoint as ocp
-    grain = _grain()
     return ocp.CheckpointManager(directory, item_names=("data",),
                                  item_handlers={"data": grain.checkpoint.CheckpointHandler()},
                                  options=ocp.CheckpointManagerOptions(**options))
@@ -335,7 +306,7 @@ def checkpoint_manager(directory: str, **options):
 
 def save_state(manager, step: int, iterator) -> None:
     import orbax.checkpoint as ocp
-    manager.save(step, args=ocp.args.Composite(data=_grain().checkpoint.CheckpointSave(iterator)))
+    manager.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
 
 
@@ -345,5 +316,5 @@ def restore_state(manager, iterator, step: Optional[int] = None):
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no data checkpoint in {manager.directory}")
-    manager.restore(step, args=ocp.args.Composite(data=_grain().checkpoint.CheckpointRestore(iterator)))
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
     return iterator
