@@ -98,14 +98,25 @@ def _sort_ratios(ratios) -> tuple[Optional[int], ...]:
     return tuple(sorted({r for r in ratios if r is not None})) + ((None,) if None in ratios else ())
 
 
+def _fixed_or(fixed: Optional[int], bucketed: int, needed: int, what: str) -> int:
+    if fixed is None:
+        return bucketed
+    if fixed < needed:
+        raise PlanError(f"padded size {fixed} holds fewer than the {needed} {what} of the batch")
+    return fixed
+
+
 def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], *,
          ratios: Optional[Sequence[Optional[int]]] = None, buckets: Buckets = Buckets(),
-         max_new_tokens: int = 0) -> tuple[PlanArrays, PrefillSpec]:
+         max_new_tokens: int = 0, prefix_size: Optional[int] = None, suffix_size: Optional[int] = None,
+         windows: Optional[int] = None) -> tuple[PlanArrays, PrefillSpec]:
     """Pads a batch of plans (one per row) into arrays and the spec of the program to run them.
 
     `ratios` is the branch set compiled in; default: the ratios the plans use.
     Pass a wider set (e.g. every ratio of a random schedule) to keep one
     compilation across schedules. Within a batch, a window index has one ratio.
+    `prefix_size` / `suffix_size` / `windows` fix the padded sizes instead of
+    the buckets' choice (the training loader has already bucketed its batch).
     """
     if not plans:
         raise PlanError("empty batch")
@@ -135,9 +146,11 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
     if missing:
         raise PlanError(f"the plans use ratios {missing} that are not in the compiled set {list(branch_set)}")
 
-    n_win = buckets.windows(count)
-    p_len = buckets.text(max(p.prefix for p in plans))
-    s_len = buckets.text(max(p.suffix for p in plans))
+    n_win = _fixed_or(windows, buckets.windows(count), count, "windows")
+    p_len = _fixed_or(prefix_size, buckets.text(max(p.prefix for p in plans)), max(p.prefix for p in plans),
+                      "prefix tokens")
+    s_len = _fixed_or(suffix_size, buckets.text(max(p.suffix for p in plans)), max(p.suffix for p in plans),
+                      "suffix tokens")
     spec0 = PrefillSpec(branch_set, window_size, 0)
     worst_kept = max([0] + [spec0.max_kept(r) for r in branch_set])
     worst_fed = max([0] + [spec0.fed_length(r) for r in branch_set])

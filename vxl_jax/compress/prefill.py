@@ -41,6 +41,7 @@ TRACES = {"prefill": 0}  # incremented at trace time; tests count compilations w
 class PrefillResult:
     memory: Memory               # [prefix | kept | suffix] per row, ready for decoding
     last_logits: jax.Array       # [B, V] float32 at each row's last suffix token
+    prefix_hidden: jax.Array     # [B, P, D] final-normed hidden states of the prefix (the training loss reads them)
     suffix_hidden: jax.Array     # [B, S, D] final-normed hidden states of the suffix text
     memory_before: jax.Array     # [W, B] memory length when each window started
 
@@ -88,12 +89,15 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
 
 def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Array, *, spec: PrefillSpec,
             pixel_norm: Optional[tuple[jax.Array, jax.Array]] = None, dtype=jnp.float32,
-            remat: str = "none") -> PrefillResult:
+            remat: str = "none", remat_window: str = "none") -> PrefillResult:
     """Runs the compressed prefill of a batch; see the module docstring.
 
     visual: features [B, W*window, D], or frames [B, W*window/tokens_per_frame,
     C, H, W] (uint8 or float) that are turned into features window by window;
     `pixel_norm` = (mean [C], std [C]) maps raw pixel values to model input.
+    remat / remat_window: rematerialisation policy (`qwen2.REMAT_POLICIES`) of
+    one layer and of one whole window step; under differentiation "full" on the
+    window keeps only the carried memory per window and recomputes the rest.
     """
     TRACES["prefill"] += 1
     llm, lcfg = params["llm"], cfg.llm
@@ -103,7 +107,7 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
     # 1. prefix (the sink): causal, kept whole. Padding past prefix_len is scratch.
     x = qwen2.embed(llm, plan.prefix_ids, dtype)
     ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], spec.buffer_size)
-    _, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    prefix_hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
     length = plan.prefix_len.astype(jnp.int32)
 
     # 2. the visual windows
@@ -119,6 +123,8 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
         new_cache, new_length = jax.lax.switch(branch, [*branches, noop], cache, length, feats, kept, slots)
         return (new_cache, new_length), length
 
+    if remat_window != "none":
+        window_step = jax.checkpoint(window_step, policy=qwen2.REMAT_POLICIES[remat_window], prevent_cse=False)
     xs = (jnp.arange(plan.num_windows, dtype=jnp.int32), plan.branch, plan.kept.T, plan.vst_slots.swapaxes(0, 1))
     (cache, length), memory_before = jax.lax.scan(window_step, (cache, length), xs)
 
@@ -128,8 +134,9 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
     hidden, cache = qwen2.decode_layers(llm, lcfg, x, cache, ctx, remat=remat, dtype=dtype)
     last = jnp.take_along_axis(hidden, (plan.suffix_len - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     return PrefillResult(memory=Memory(cache, length + plan.suffix_len.astype(jnp.int32)),
-                         last_logits=qwen2.logits(llm, lcfg, last), suffix_hidden=hidden,
+                         last_logits=qwen2.logits(llm, lcfg, last), prefix_hidden=prefix_hidden,
+                         suffix_hidden=hidden,
                          memory_before=memory_before)
 
 
-prefill_jit = jax.jit(prefill, static_argnames=("cfg", "spec", "dtype", "remat"))
+prefill_jit = jax.jit(prefill, static_argnames=("cfg", "spec", "dtype", "remat", "remat_window"))
