@@ -1,0 +1,219 @@
+"""The training loop: config -> mesh, sharded state, loader -> steps, metrics, checkpoints, export.
+
+    result = run(TrainConfig.load("tiny_synthetic"), "runs/a")
+
+Every process runs this same function (`parallel.initialize` first when there
+are several). The run resumes from the latest checkpoint in WORKDIR/checkpoints
+when there is one (state and data iterator), saves every `save_every` steps
+and at the end, and on SIGTERM finishes the step in flight, saves and returns
+(`stopped_by_signal`). At `max_steps` the trained model is exported to
+WORKDIR/export_hf in the HF Video-XL format (with the tokenizer), ready for
+`vxl infer` or the original code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from vxl_jax import parallel
+from vxl_jax.conversion.checkpoint import _copy_side_files, load_model, write_hf
+from vxl_jax.data import loader as loader_lib
+from vxl_jax.data import synthetic
+from vxl_jax.model import videoxl
+from vxl_jax.train import batch as batch_lib
+from vxl_jax.train import checkpoint, optim
+from vxl_jax.train import step as step_lib
+from vxl_jax.train.config import TrainConfig
+from vxl_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    start_step: int               # the step the run resumed from (0: fresh)
+    end_step: int
+    last_loss: Optional[float]
+    stopped_by_signal: bool
+    export_dir: Optional[str]
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checks it between steps (all processes agree before acting)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("SIGTERM: saving after the current step, then stopping")
+            self.set = True
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:          # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.set
+        flags = multihost_utils.process_allgather(np.asarray(self.set, np.int32))
+        return bool(np.any(flags))
+
+
+def _prepare_data(cfg: TrainConfig, workdir: str, progress: bool) -> None:
+    if cfg.synthetic is None:
+        return
+    if jax.process_index() == 0:
+        synthetic.generate(os.path.join(workdir, "data"), cfg.synthetic_spec(), progress=progress)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vxl synthetic data")
+
+
+def _init_params(cfg: TrainConfig, mesh):
+    """(params placed with the mesh's shardings, model config, tokenizer/side-file dir or None)."""
+    if cfg.init == "random":
+        model_cfg = cfg.model_config()
+        init = lambda: videoxl.init_params(model_cfg, jax.random.key(cfg.seed))
+        shardings = parallel.param_shardings(jax.eval_shape(init), mesh)
+        return jax.jit(init, out_shardings=shardings)(), model_cfg, None
+    host_params, model_cfg = load_model(cfg.init)
+    if cfg.model is not None and cfg.model != "tiny" and cfg.model_config() != model_cfg:
+        log.warning("config.model differs from the checkpoint's config; using the checkpoint's")
+    shardings = parallel.param_shardings(host_params, mesh)
+    return jax.device_put(jax.tree.map(np.asarray, host_params), shardings), model_cfg, cfg.init
+
+
+def _host_params(params) -> dict:
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return jax.tree.map(np.asarray, params)
+
+
+def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool = True) -> RunResult:
+    os.makedirs(workdir, exist_ok=True)
+    leader = jax.process_index() == 0
+    if leader:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    _prepare_data(cfg, workdir, progress and leader)
+
+    mesh = parallel.make_mesh(cfg.mesh_config())
+    batch_rows = parallel.BATCH_AXES
+    data_ways = int(np.prod([mesh.shape[a] for a in batch_rows]))
+    settings = cfg.step_settings()
+    procs = jax.process_count()
+    if cfg.global_batch % (data_ways * settings.accum_steps) or cfg.global_batch % procs:
+        raise ValueError(f"data.batch_size {cfg.global_batch} must be a multiple of the data-parallel ways "
+                         f"({data_ways} = data x fsdp) times accum_steps ({settings.accum_steps}) and of the "
+                         f"process count ({procs})")
+
+    with jax.set_mesh(mesh):
+        params, model_cfg, side_dir = _init_params(cfg, mesh)
+        ocfg = cfg.optim_config()
+        tx = optim.build(ocfg, params, cfg.max_steps)
+        trainable = optim.trainable_mask(ocfg, params)
+        schedule = optim.lr_schedule(ocfg, cfg.max_steps)
+        state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.seed))(params)
+        del params
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+        lcfg = cfg.loader_config(workdir, model_cfg, batch_size=cfg.global_batch // procs,
+                                 shard_index=jax.process_index(), shard_count=procs)
+        iterator = iter(loader_lib.build_dataset(lcfg))
+        mgr = checkpoint.manager(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg.keep_checkpoints)
+        if mgr.latest_step() is not None:
+            state = checkpoint.restore(mgr, state, iterator)
+        start = int(state.step)
+        ratios = lcfg.curriculum.all_ratios
+        if leader:
+            log.info("mesh %s; %s", dict(mesh.shape), optim.describe(ocfg, state.params).replace("\n", "; "))
+        step_fn = step_lib.jit_step(step_lib.make_step(model_cfg, tx, trainable, settings, schedule),
+                                    state_shardings)
+
+        writer = MetricsWriter(workdir, enabled=leader, stdout=stdout, resume_from_step=start)
+        if start == 0:
+            writer.write_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
+        bar = tqdm.tqdm(total=cfg.max_steps, initial=start, disable=not (progress and leader), unit="step",
+                        dynamic_ncols=True)
+        last_loss, stopped = None, False
+        try:
+            with _StopFlag() as stop:
+                step = start
+                while step < cfg.max_steps:
+                    t0 = time.perf_counter()
+                    batch = next(iterator)
+                    prepared = batch_lib.prepare(batch, model_cfg, ratios)
+                    inputs = _global_inputs(prepared.inputs, mesh)
+                    t1 = time.perf_counter()
+                    state, out = step_fn(state, inputs, spec=prepared.spec)
+                    out = jax.device_get(out)
+                    t2 = time.perf_counter()
+                    step += 1
+                    last_loss = float(out["loss"])
+                    if step % cfg.log_every == 0 or step == cfg.max_steps:
+                        metrics = {k: v for k, v in out.items()}
+                        metrics.update(step_time_s=t2 - t1, data_time_s=t1 - t0,
+                                       tokens_per_s=prepared.tokens * procs / max(t2 - t1, 1e-9))
+                        metrics.update(_data_metrics(iterator))
+                        writer.write(step, metrics)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+                    if stop.any_process():
+                        checkpoint.save(mgr, step, state, iterator)
+                        stopped = True
+                        break
+                    if step % cfg.save_every == 0:
+                        checkpoint.save(mgr, step, state, iterator)
+                if not stopped:
+                    checkpoint.save(mgr, step, state, iterator)
+        finally:
+            bar.close()
+            writer.close()
+        export_dir = None
+        if not stopped and cfg.export_hf:
+            export_dir = os.path.join(workdir, "export_hf")
+            host = _host_params(state.params)
+            if leader:
+                write_hf(export_dir, host, model_cfg)
+                tokenizer = side_dir or lcfg.tokenizer
+                if tokenizer and os.path.isdir(tokenizer):
+                    _copy_side_files(tokenizer, export_dir)
+            if procs > 1:
+                multihost_utils.sync_global_devices("vxl export")
+        mgr.close()
+        del iterator
+    return RunResult(start, int(state.step), last_loss, stopped, export_dir)
+
+
+def _global_inputs(inputs: batch_lib.TrainInputs, mesh) -> batch_lib.TrainInputs:
+    """Rows over (data, fsdp); the plan's per-window branch [W] is shared by all rows (replicated)."""
+    branch = inputs.plan.branch
+    rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
+    branch = parallel.host_to_global(branch, mesh, lambda x, m: parallel.P())
+    return rows.replace(plan=rows.plan.replace(branch=branch))
+
+
+def _data_metrics(iterator) -> dict:
+    local = iterator.metrics()
+    if jax.process_count() == 1:
+        return {k: v for k, v in local.items() if k in ("data/records_skipped", "data/records_seen")}
+    keys = ("data/records_skipped", "data/records_seen")
+    summed = multihost_utils.process_allgather(np.asarray([local[k] for k in keys], np.int64)).sum(axis=0)
+    return dict(zip(keys, summed.tolist()))
