@@ -89,10 +89,13 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh sizes must be positive integers with at most one -1, got {self}")
+
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh sizes must be positive with at most one -1, got {self}")
         known = int(np.prod([s for s in sizes if s != -1]))
         if -1 in sizes:
             if num_devices % known:
@@ -153,11 +156,28 @@ def param_shardings(params, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh))
 
 
-def batch_spec(x, mesh: Mesh) -> P:
-    """Leading axis over (data, fsdp) when it divides; scalars and undividable arrays replicated."""
-    if np.ndim(x) == 0:
-        return P()
-    return spec_for(("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x), dict(mesh.shape))
+def tree_shardings(tree, mesh: Mesh):
+    """NamedSharding per leaf of any tree that holds params (a train state: params, Adam moments, ...).
+
+    A leaf is recognised by the dict keys that end its path ("llm/layers/q_proj/kernel" inside
+    `opt_state...mu`): one that names a parameter gets that parameter's spec; anything else
+    (step counters, PRNG keys) is replicated.
+    """
+    shape = dict(mesh.shape)
+
+    def one(path, x):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.append(str(k.key))
+        name = "/".join(reversed(keys))
+        axes = next((a for pattern, a in PARAM_AXES if name and re.search(pattern, name)), None)
+        if axes is None or len(axes) != len(x.shape):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(axes, x.shape, shape))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
@@ -168,16 +188,27 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, dict(mesh.shape)))
 
 
-def host_to_global(tree, mesh: Mesh, spec_fn=batch_spec):
+def host_to_global(tree, mesh: Mesh, *, replicated: bool = False):
     """Process-local numpy arrays (this host's rows) -> global jax Arrays sharded on `mesh`.
 
-    Each process passes its own slice of the batch; the global batch is their
-    concatenation in process order (one process: the array itself).
+    Each process passes its own rows; the global batch is their concatenation
+    in process order (one process: the array itself), its leading axis split
+    over (data, fsdp). `replicated`: every process passes the same whole array.
     """
+    procs = jax.process_count()
+
     def one(x):
         x = np.asarray(x)
-        sharding = NamedSharding(mesh, spec_fn(x, mesh))
-        if jax.process_count() == 1:
+        if replicated or x.ndim == 0:
+            spec = P()
+        else:
+            rows = x.shape[0] * procs
+            spec = spec_for(("batch",) + (None,) * (x.ndim - 1), (rows, *x.shape[1:]), dict(mesh.shape))
+            if procs > 1 and spec[0] is None and mesh.shape["data"] * mesh.shape["fsdp"] > 1:
+                raise ValueError(f"{rows} global rows do not split over data x fsdp = "
+                                 f"{mesh.shape['data'] * mesh.shape['fsdp']} ways")
+        sharding = NamedSharding(mesh, spec)
+        if procs == 1:
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree.map(one, tree)

@@ -29,11 +29,13 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from vxl_jax import parallel
 from vxl_jax.compress.memory import Memory, keep_rows
 from vxl_jax.compress.packing import PlanArrays, PrefillSpec
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import qwen2, videoxl
 
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")   # the memory carried between windows
 TRACES = {"prefill": 0}  # incremented at trace time; tests count compilations with it
 
 
@@ -121,6 +123,7 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
                              lambda: _window_visual(params, cfg, visual, w, spec.window, pixel_norm, dtype))
         noop = lambda c, l, f, k, s: (c, l)
         new_cache, new_length = jax.lax.switch(branch, [*branches, noop], cache, length, feats, kept, slots)
+        new_cache = jax.tree.map(lambda c: parallel.constrain(c, CACHE_AXES), new_cache)
         return (new_cache, new_length), length
 
     if remat_window != "none":

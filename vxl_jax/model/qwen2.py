@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vxl_jax import parallel
 from vxl_jax.config import Qwen2Config
 from vxl_jax.model.layers import RMSNorm, apply_rope, attention, rope_tables, write_rows
 
@@ -189,7 +190,8 @@ def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, cache: KVCache, 
     def body(h, xs):
         p, ck, cv = xs
         h, ck, cv = layer.apply({"params": p}, h, ck, cv, ctx)
-        return h, (ck, cv)
+        # Block boundary: rows stay on their data-parallel devices, the width whole (RULES).
+        return parallel.constrain(h, ("batch", "seq", "act_embed")), (ck, cv)
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":

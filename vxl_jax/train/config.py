@@ -40,8 +40,8 @@ _FROM_MODEL = ("image_size", "tokens_per_frame", "window")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: Any = "tiny"
-    init: str = "random"
+    model: Any = None               # None: the init checkpoint's own config
+    init: Optional[str] = "random"  # None: must be set (--set init=DIR)
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     synthetic: Optional[Mapping[str, Any]] = None
     optim: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -93,6 +93,8 @@ class TrainConfig:
     # ------------------------------------------------------------ sections
 
     def model_config(self) -> VideoXLConfig:
+        if self.model is None:
+            raise ValueError("random init needs a model config: set model to a name under configs/ or a path")
         if isinstance(self.model, Mapping):
             return VideoXLConfig.from_dict(self.model)
         return VideoXLConfig.load(self.model)
@@ -139,7 +141,7 @@ class TrainConfig:
             d.setdefault("annotations", os.path.join(root, "train.jsonl"))
             d.setdefault("tokenizer", os.path.join(root, "tokenizer"))
             d.setdefault("media_root", root)
-        elif "tokenizer" not in d and self.init != "random":
+        elif "tokenizer" not in d and self.init not in (None, "random"):
             d["tokenizer"] = self.init
         missing = [k for k in ("annotations", "tokenizer") if k not in d]
         if missing:

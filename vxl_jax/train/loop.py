@@ -88,13 +88,15 @@ def _prepare_data(cfg: TrainConfig, workdir: str, progress: bool) -> None:
 
 def _init_params(cfg: TrainConfig, mesh):
     """(params placed with the mesh's shardings, model config, tokenizer/side-file dir or None)."""
+    if cfg.init is None:
+        raise ValueError("this config starts from a checkpoint: --set init=CHECKPOINT_DIR (HF Video-XL or vxl_jax)")
     if cfg.init == "random":
         model_cfg = cfg.model_config()
         init = lambda: videoxl.init_params(model_cfg, jax.random.key(cfg.seed))
         shardings = parallel.param_shardings(jax.eval_shape(init), mesh)
         return jax.jit(init, out_shardings=shardings)(), model_cfg, None
     host_params, model_cfg = load_model(cfg.init)
-    if cfg.model is not None and cfg.model != "tiny" and cfg.model_config() != model_cfg:
+    if cfg.model is not None and cfg.model_config() != model_cfg:
         log.warning("config.model differs from the checkpoint's config; using the checkpoint's")
     shardings = parallel.param_shardings(host_params, mesh)
     return jax.device_put(jax.tree.map(np.asarray, host_params), shardings), model_cfg, cfg.init
@@ -130,9 +132,10 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         tx = optim.build(ocfg, params, cfg.max_steps)
         trainable = optim.trainable_mask(ocfg, params)
         schedule = optim.lr_schedule(ocfg, cfg.max_steps)
-        state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.seed))(params)
+        init_state = lambda p: step_lib.init_state(p, tx, cfg.seed)
+        state_shardings = parallel.tree_shardings(jax.eval_shape(init_state, params), mesh)
+        state = jax.jit(init_state, out_shardings=state_shardings)(params)     # Adam moments sharded like params
         del params
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
         lcfg = cfg.loader_config(workdir, model_cfg, batch_size=cfg.global_batch // procs,
                                  shard_index=jax.process_index(), shard_count=procs)
@@ -206,7 +209,7 @@ def _global_inputs(inputs: batch_lib.TrainInputs, mesh) -> batch_lib.TrainInputs
     """Rows over (data, fsdp); the plan's per-window branch [W] is shared by all rows (replicated)."""
     branch = inputs.plan.branch
     rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
-    branch = parallel.host_to_global(branch, mesh, lambda x, m: parallel.P())
+    branch = parallel.host_to_global(branch, mesh, replicated=True)
     return rows.replace(plan=rows.plan.replace(branch=branch))
 
 

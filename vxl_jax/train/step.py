@@ -71,8 +71,11 @@ def _micro_batches(inputs: TrainInputs, accum: int) -> TrainInputs:
 
 
 def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, settings: StepSettings,
-              schedule: Optional[optax.Schedule] = None) -> Callable:
-    """Returns step(state, inputs, spec) -> (state, metrics), not yet jitted (see `jit_step`)."""
+              schedule: Optional[optax.Schedule] = None, return_grads: bool = False) -> Callable:
+    """Returns step(state, inputs, spec) -> (state, metrics), not yet jitted (see `jit_step`).
+
+    With `return_grads`, metrics["grads"] holds the (mean, unclipped) gradients, for tests.
+    """
     dtype = DTYPES[settings.dtype]
     norm = (jnp.asarray(settings.pixel_mean, jnp.float32), jnp.asarray(settings.pixel_std, jnp.float32))
 
@@ -108,6 +111,8 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
         metrics = {"loss": ce_sum / denom, "grad_norm": optim.global_norm(grads), "target_tokens": count}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
+        if return_grads:
+            metrics["grads"] = grads
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     return step
