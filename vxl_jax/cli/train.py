@@ -42,9 +42,14 @@ def run(args) -> int:
     from vxl_jax import parallel
     from vxl_jax.train.config import TrainConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own handler: jax/absl may already own the root logger, which makes basicConfig a no-op.
+    logger = logging.getLogger("vxl_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     cfg = TrainConfig.load(args.config, args.overrides)     # config errors before any device work
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     from vxl_jax.train import loop
