@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vxl_jax import pipeline
-from vxl_jax.cli.demo import synthetic_video
+from vxl_jax.data.synthetic import synthetic_video
 from vxl_jax.cli.main import main as vxl
 from vxl_jax.compress import schedules
 from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD, hf_to_jax

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from vxl_jax.cli.demo import synthetic_video
+from vxl_jax.data.synthetic import synthetic_video
 from vxl_jax.data import curriculum, loader, video
 from vxl_jax.data import tiny_tokenizer
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vxl_jax.cli.demo import synthetic_video
+from vxl_jax.data.synthetic import synthetic_video
 from vxl_jax.data import records, video
 
 

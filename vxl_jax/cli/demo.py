@@ -1,11 +1,12 @@
 """`vxl demo`: the main job on the embedded default, end to end, with no outside files.
 
-Builds a tiny seeded random Video-XL model with its tokenizer, saves it as an
-HF checkpoint, converts it to a vxl_jax checkpoint, writes a short synthetic
-H.264 video, and asks a question about it through the same path as `vxl
-infer`: decord reading, CLIP preprocessing, chat template, compressed prefill
-and decoding. The weights are random, so the answer means nothing; the path is
-the real one.
+Generates a small synthetic video QA set (first/last-frame colour and shape
+questions about H.264 videos), trains a tiny Video-XL from scratch on it on 8
+simulated CPU devices with the curriculum's random compression ratios
+(`vxl train --config tiny_synthetic`), checks that the loss fell, exports the
+model to the HF Video-XL format, converts that back to a vxl_jax checkpoint,
+and answers the held-out questions with the `vxl infer` path (decord, CLIP
+preprocessing, chat template, compressed prefill, decoding).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -20,60 +22,71 @@ import numpy as np
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on a tiny random model and a generated video",
+    p = sub.add_parser("demo", help="train a tiny model on a generated video QA set, export it, answer questions",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--out", default="demo_out", help="working dir (default demo_out/; its demo files are replaced)")
-    p.add_argument("--frames", type=int, default=20, help="number of frames of the generated video (default 20)")
-    p.add_argument("--ratio", type=int, default=4, help="compression ratio (default 4)")
-    p.add_argument("--question", default="What moves across the video?", help="the question to ask")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens to generate (default 12)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model and the video (default 0)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices for training (default 8)")
+    p.add_argument("--ratio", type=int, default=4, help="compression ratio when answering (default 4)")
+    p.add_argument("--questions", type=int, default=8, help="held-out questions to answer (default 8)")
     p.set_defaults(run=_run)
 
-def synthetic_video(frames: int, size: int, seed: int) -> np.ndarray:
-    """uint8 [F, size, size, 3]: a coloured square moving over a gradient, plus a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    video = np.empty((frames, size, size, 3), np.uint8)
-    for f in range(frames):
-        img = np.stack([x, y, 1 - x], axis=-1) * 160
-        c = int((f + 1) * size / (frames + 1))
-        img[max(0, c - 40):c + 40, max(0, c - 40):c + 40] = (240, 60, 30)
-        video[f] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-    return video
+
+def _train(workdir: str, steps: int, devices: int) -> None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip())
+    cmd = [sys.executable, "-m", "vxl_jax.cli.main", "train", "--config", "tiny_synthetic", "--workdir", workdir,
+           "--set", f"max_steps={steps}", "--set", f"save_every={steps}"]
+    # Every step goes to metrics.jsonl; a line per step would flood the terminal.
+    cmd += ["--set", f"print_every={max(1, steps // 10)}"]
+    subprocess.run(cmd, check=True, env=env)
 
 
 def _run(args: argparse.Namespace) -> int:
     from vxl_jax.cli.util import peak_rss_mib
     from vxl_jax.conversion.checkpoint import hf_to_jax
-    from vxl_jax.data import video
+    from vxl_jax.data import records, video
     from vxl_jax.infer import Answerer
-    from vxl_jax.tiny import write_tiny_checkpoint
+    from vxl_jax.train.metrics import read_jsonl
 
     start = time.perf_counter()
-    hf_dir, jax_dir = os.path.join(args.out, "hf"), os.path.join(args.out, "jax")
-    video_path = os.path.join(args.out, "demo.mp4")
-    for d in (hf_dir, jax_dir):
+    train_dir, jax_dir = os.path.join(args.out, "train"), os.path.join(args.out, "jax")
+    for d in (train_dir, jax_dir):
         shutil.rmtree(d, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
 
-    write_tiny_checkpoint(hf_dir, seed=args.seed)
-    print(f"1. wrote a tiny random Video-XL checkpoint with its tokenizer (HF format, seed {args.seed}) to {hf_dir}")
-    stats = hf_to_jax(hf_dir, jax_dir, progress=False)
-    print(f"2. converted it to a JAX checkpoint in {jax_dir}: {stats.summary()}")
-    video.write_test_video(video_path, synthetic_video(args.frames, 224, args.seed), fps=8)
-    print(f"3. wrote a {args.frames}-frame 224x224 H.264 video (a square moving over a gradient) to {video_path}")
+    print(f"1. vxl train --config tiny_synthetic --workdir {train_dir} --set max_steps={args.steps} "
+          f"({args.devices} simulated CPU devices)", flush=True)
+    _train(train_dir, args.steps, args.devices)
+    rows = read_jsonl(os.path.join(train_dir, "metrics.jsonl"))
+    losses = np.array([r["loss"] for r in rows], np.float64)
+    k = max(1, len(losses) // 4)
+    first, last = float(losses[:k].mean()), float(losses[-k:].mean())
+    every = max(1, len(rows) // 10)
+    shown = rows[:1] + rows[every - 1::every]
+    print("2. loss by step: " + ", ".join(f"{r['step']}: {r['loss']:.3f}" for r in shown), flush=True)
+    print(f"   mean of the first {k} steps {first:.3f} -> last {k}: {last:.3f}")
+    if not last < first:
+        print("vxl demo: error: the loss did not fall", file=sys.stderr)
+        return 1
 
-    def progress(message: str) -> None:
-        print(f"   {message}", flush=True)
+    export = os.path.join(train_dir, "export_hf")
+    stats = hf_to_jax(export, jax_dir, progress=False)
+    print(f"3. exported to HF format ({export}) and converted back to JAX ({jax_dir}): {stats.summary()}")
 
-    print(f"4. vxl infer --checkpoint {jax_dir} --video {video_path} --frames {args.frames} --ratio {args.ratio}")
-    answerer = Answerer.load(jax_dir, progress=progress)
-    answer = answerer.ask(video_path, args.question, sampling=video.uniform(args.frames), ratio=args.ratio,
-                          max_new_tokens=args.max_new_tokens, progress=progress)
-    print(f"5. Q: {args.question}")
-    print(f"   A: {answer.text!r} (ids {answer.token_ids.tolist()})")
-    print(f"done in {time.perf_counter() - start:.1f} s, peak RSS {peak_rss_mib():,.0f} MiB "
-          f"(random weights: the answer means nothing, the path is the real one)")
+    data_dir = os.path.join(train_dir, "data")
+    held_out = records.load_annotations(os.path.join(data_dir, "eval.jsonl"))[:args.questions]
+    answerer = Answerer.load(jax_dir)
+    print(f"4. vxl infer on {len(held_out)} held-out videos (8 frames, ratio {args.ratio}):")
+    right = 0
+    for record in held_out:
+        question = record["conversations"][0]["value"].replace("<image>\n", "")
+        answer = answerer.ask(os.path.join(data_dir, record["video"]), question, sampling=video.uniform(8),
+                              ratio=args.ratio, max_new_tokens=6)
+        got = answer.text.strip()
+        right += got == record["answer"]
+        print(f"   {record['video']}: {question!r} -> {got!r} (truth {record['answer']!r})")
+    print(f"   {right}/{len(held_out)} right")
+    print(f"done in {time.perf_counter() - start:.1f} s, peak RSS of this process {peak_rss_mib():,.0f} MiB")
     sys.stdout.flush()
     return 0

@@ -184,3 +184,16 @@ def _write_atomic(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def synthetic_video(frames: int, size: int, seed: int) -> np.ndarray:
+    """uint8 [F, size, size, 3]: a coloured square moving over a gradient, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        img = np.stack([x, y, 1 - x], axis=-1) * 160
+        c = int((f + 1) * size / (frames + 1))
+        img[max(0, c - 40):c + 40, max(0, c - 40):c + 40] = (240, 60, 30)
+        video[f] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return video

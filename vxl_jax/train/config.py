@@ -49,15 +49,16 @@ class TrainConfig:
     step: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     max_steps: int = 1000
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 1              # metrics.jsonl / TensorBoard every this many steps
+    print_every: int = 1            # a metrics line on stdout every this many steps
     save_every: int = 500
     keep_checkpoints: int = 3
     export_hf: bool = True          # write WORKDIR/export_hf (HF Video-XL format) when the run ends
     description: str = ""
 
     def __post_init__(self):
-        bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("max_steps", "log_every", "save_every",
-                                                                     "keep_checkpoints") if getattr(self, k) < 1]
+        bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("max_steps", "log_every", "print_every",
+                                                                     "save_every", "keep_checkpoints") if getattr(self, k) < 1]
         if bad:
             raise ValueError("invalid TrainConfig: " + "; ".join(bad))
 

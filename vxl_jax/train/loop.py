@@ -35,7 +35,7 @@ from vxl_jax.train import batch as batch_lib
 from vxl_jax.train import checkpoint, optim
 from vxl_jax.train import step as step_lib
 from vxl_jax.train.config import TrainConfig
-from vxl_jax.train.metrics import MetricsWriter
+from vxl_jax.train.metrics import MetricsWriter, format_metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         step_fn = step_lib.jit_step(step_lib.make_step(model_cfg, tx, trainable, settings, schedule),
                                     state_shardings)
 
-        writer = MetricsWriter(workdir, enabled=leader, stdout=stdout, resume_from_step=start)
+        writer = MetricsWriter(workdir, enabled=leader, stdout=False, resume_from_step=start)
         if start == 0:
             writer.write_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
         bar = tqdm.tqdm(total=cfg.max_steps, initial=start, disable=not (progress and leader), unit="step",
@@ -170,12 +170,16 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     t2 = time.perf_counter()
                     step += 1
                     last_loss = float(out["loss"])
-                    if step % cfg.log_every == 0 or step == cfg.max_steps:
-                        metrics = {k: v for k, v in out.items()}
-                        metrics.update(step_time_s=t2 - t1, data_time_s=t1 - t0,
+                    log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+                    print_now = stdout and leader and (step % cfg.print_every == 0 or step == cfg.max_steps)
+                    if log_now or print_now:
+                        metrics = dict(out, step_time_s=t2 - t1, data_time_s=t1 - t0,
                                        tokens_per_s=prepared.tokens * procs / max(t2 - t1, 1e-9))
                         metrics.update(_data_metrics(iterator))
-                        writer.write(step, metrics)
+                        if log_now:
+                            writer.write(step, metrics)
+                        if print_now:
+                            tqdm.tqdm.write(format_metrics(step, metrics))
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                     if stop.any_process():

@@ -1,0 +1,113 @@
+"""Train-step benchmark: one optimizer step (forward + backward through the compression + AdamW) per frame count.
+
+Random weights of a config, random uint8 frames, a 14-token prefix and a
+32-token suffix with 16 labelled answer tokens, all parameters trainable
+(stage 2), one row per device. After one warm-up step (which compiles), the
+median over `--repeats` of the step time, the tokens per second (text +
+visual tokens fed, VSTs not counted) and, with `--peak-tflops`, the model
+FLOPs utilisation from XLA's own FLOP count of the compiled step.
+
+    python benchmarks/train_bench.py                                    # CPU: bench_small, 10/40 frames
+    python benchmarks/train_bench.py --config videoxl_1_5b_shape --dtype bfloat16 --frames 64 128 \\
+        --remat-layer dots_no_batch --remat-window full --peak-tflops 989   # one H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+
+def make_batch(cfg, frames: int, rows: int, ratio: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    prefix, suffix = 14, 32
+    t = prefix + 1 + suffix
+    ids = rng.integers(0, min(cfg.llm.vocab_size, 30000), (rows, t)).astype(np.int32)
+    ids[:, prefix] = -200
+    labels = np.full_like(ids, -100)
+    labels[:, -16:] = ids[:, -16:]
+    per_window = cfg.vst.window // cfg.tokens_per_frame
+    windows = -(-frames // per_window)
+    size = cfg.vision.image_size
+    return {"input_ids": ids, "labels": labels, "text_mask": np.ones_like(ids, bool),
+            "frames": rng.integers(0, 256, (rows, windows * per_window, 3, size, size), dtype=np.uint8),
+            "num_frames": np.full(rows, frames, np.int32), "ratios": np.full((rows, windows), ratio, np.int32)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="bench_small", help="model config name or path (default bench_small)")
+    p.add_argument("--frames", type=int, nargs="+", default=[10, 40])
+    p.add_argument("--ratio", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--remat-layer", default="none")
+    p.add_argument("--remat-window", default="none")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak (bf16 dense) for MFU")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args()
+
+    import jax
+    from vxl_jax import parallel
+    from vxl_jax.config import VideoXLConfig
+    from vxl_jax.model import videoxl
+    from vxl_jax.train import batch as batch_lib, optim, step as step_lib
+    from vxl_jax.train.loop import _global_inputs
+
+    cfg = VideoXLConfig.load(args.config)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1))
+    rows_out = []
+    with jax.set_mesh(mesh):
+        init = lambda: videoxl.init_params(cfg, jax.random.key(0))
+        params = jax.jit(init, out_shardings=parallel.param_shardings(jax.eval_shape(init), mesh))()
+        ocfg = optim.OptimConfig(learning_rate=1e-5)
+        tx = optim.build(ocfg, params, 100)
+        settings = step_lib.StepSettings(dtype=args.dtype, remat_layer=args.remat_layer,
+                                         remat_window=args.remat_window)
+        step = step_lib.make_step(cfg, tx, optim.trainable_mask(ocfg, params), settings)
+        make_state = lambda p: step_lib.init_state(p, tx)
+        shardings = parallel.tree_shardings(jax.eval_shape(make_state, params), mesh)
+        state = jax.jit(make_state, out_shardings=shardings)(params)
+        del params
+        jitted = step_lib.jit_step(step, shardings)
+        for frames in args.frames:
+            prepared = batch_lib.prepare(make_batch(cfg, frames, jax.device_count(), args.ratio), cfg, (args.ratio,))
+            inputs = _global_inputs(prepared.inputs, mesh)
+            t0 = time.perf_counter()
+            compiled = jitted.lower(state, inputs, spec=prepared.spec).compile()
+            compile_s = time.perf_counter() - t0
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = float(cost.get("flops", 0.0)) if cost else 0.0
+            state, out = compiled(state, inputs)
+            jax.block_until_ready(out)
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                state, out = compiled(state, inputs)
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            row = {"config": args.config, "dtype": args.dtype, "frames": frames, "ratio": args.ratio,
+                   "rows": jax.device_count(), "step_s": med, "tokens_per_s": prepared.tokens / med,
+                   "compile_s": compile_s, "xla_tflop": flops / 1e12, "loss": float(out["loss"]),
+                   "device": jax.devices()[0].device_kind}
+            if args.peak_tflops and flops:
+                row["mfu"] = flops / med / (args.peak_tflops * 1e12 * jax.device_count())
+            stats = jax.devices()[0].memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                row["peak_device_gib"] = stats["peak_bytes_in_use"] / 2**30
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows_out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
