@@ -27,7 +27,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from vxl_jax import parallel
-from vxl_jax.conversion.checkpoint import _copy_side_files, load_model, write_hf
+from vxl_jax.conversion.checkpoint import load_model, write_hf
 from vxl_jax.data import loader as loader_lib
 from vxl_jax.data import synthetic
 from vxl_jax.model import videoxl
@@ -173,6 +173,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     log_now = step % cfg.log_every == 0 or step == cfg.max_steps
                     print_now = stdout and leader and (step % cfg.print_every == 0 or step == cfg.max_steps)
                     if log_now or print_now:
+                        # tokens/s: this process's tokens times the process count (shards are alike in size)
                         metrics = dict(out, step_time_s=t2 - t1, data_time_s=t1 - t0,
                                        tokens_per_s=prepared.tokens * procs / max(t2 - t1, 1e-9))
                         metrics.update(_data_metrics(iterator))
@@ -197,11 +198,9 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         if not stopped and cfg.export_hf:
             export_dir = os.path.join(workdir, "export_hf")
             host = _host_params(state.params)
-            if leader:
-                write_hf(export_dir, host, model_cfg)
-                tokenizer = side_dir or lcfg.tokenizer
-                if tokenizer and os.path.isdir(tokenizer):
-                    _copy_side_files(tokenizer, export_dir)
+            if leader:      # the tokenizer (and generation config) travel with the weights
+                side = side_dir or lcfg.tokenizer
+                write_hf(export_dir, host, model_cfg, side_files_from=side if os.path.isdir(side) else None)
             if procs > 1:
                 multihost_utils.sync_global_devices("vxl export")
         mgr.close()
