@@ -77,7 +77,6 @@ def main() -> None:
     from vxl_jax.config import VideoXLConfig
     from vxl_jax.model import videoxl
     from vxl_jax.train import batch as batch_lib, optim, step as step_lib
-    from vxl_jax.train.loop import _global_inputs
 
     cfg = VideoXLConfig.load(args.config)
     mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1))
@@ -97,7 +96,7 @@ def main() -> None:
         jitted = step_lib.jit_step(step, shardings)
         for frames in args.frames:
             prepared = batch_lib.prepare(make_batch(cfg, frames, jax.device_count(), args.ratio), cfg, (args.ratio,))
-            inputs = _global_inputs(prepared.inputs, mesh)
+            inputs = batch_lib.to_global(prepared.inputs, mesh)
             t0 = time.perf_counter()
             compiled = jitted.lower(state, inputs, spec=prepared.spec).compile()
             compile_s = time.perf_counter() - t0

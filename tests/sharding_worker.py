@@ -20,7 +20,6 @@ from vxl_jax import parallel  # noqa: E402
 from vxl_jax.config import VideoXLConfig  # noqa: E402
 from vxl_jax.model import videoxl  # noqa: E402
 from vxl_jax.train import batch as batch_lib, optim, step as step_lib  # noqa: E402
-from vxl_jax.train.loop import _global_inputs  # noqa: E402
 
 
 def make_batch(cfg: VideoXLConfig, rows: int = 4, text: int = 64, frames: int = 8, seed: int = 0) -> dict:
@@ -70,7 +69,7 @@ def main(mesh_shape: tuple[int, int, int], accum: int) -> dict:
                 init = lambda p: step_lib.init_state(p, tx)
                 shardings = parallel.tree_shardings(jax.eval_shape(init, sharded), mesh)
                 state = jax.jit(init, out_shardings=shardings)(sharded)
-                inputs = _global_inputs(prepared.inputs, mesh)
+                inputs = batch_lib.to_global(prepared.inputs, mesh)
                 new, out = step_lib.jit_step(step, shardings)(state, inputs, spec=prepared.spec)
             q = new.params["llm"]["layers"]["q_proj"]["kernel"]
             mu = new.opt_state[1].inner_states["g1"].inner_state[0].mu["llm"]["layers"]["q_proj"]["kernel"]

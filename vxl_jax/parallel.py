@@ -117,13 +117,18 @@ def param_name(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def _rule(name: str) -> Optional[tuple[str, tuple[Optional[str], ...]]]:
+    return next(((p, axes) for p, axes in PARAM_AXES if name and re.search(p, name)), None)
+
+
 def logical_axes(name: str, ndim: int) -> tuple[Optional[str], ...]:
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, name):
-            if len(axes) != ndim:
-                raise ValueError(f"{name}: rule {pattern} names {len(axes)} axes, the parameter has {ndim}")
-            return axes
-    raise ValueError(f"no sharding rule for parameter {name}; add one to parallel.PARAM_AXES")
+    rule = _rule(name)
+    if rule is None:
+        raise ValueError(f"no sharding rule for parameter {name}; add one to parallel.PARAM_AXES")
+    pattern, axes = rule
+    if len(axes) != ndim:
+        raise ValueError(f"{name}: rule {pattern} names {len(axes)} axes, the parameter has {ndim}")
+    return axes
 
 
 def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh_shape: dict) -> P:
@@ -171,11 +176,10 @@ def tree_shardings(tree, mesh: Mesh):
             if not isinstance(k, jax.tree_util.DictKey):
                 break
             keys.append(str(k.key))
-        name = "/".join(reversed(keys))
-        axes = next((a for pattern, a in PARAM_AXES if name and re.search(pattern, name)), None)
-        if axes is None or len(axes) != len(x.shape):
+        rule = _rule("/".join(reversed(keys)))
+        if rule is None or len(rule[1]) != len(x.shape):
             return NamedSharding(mesh, P())
-        return NamedSharding(mesh, spec_for(axes, x.shape, shape))
+        return NamedSharding(mesh, spec_for(rule[1], x.shape, shape))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

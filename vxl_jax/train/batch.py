@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import flax
 import numpy as np
 
+from vxl_jax import parallel
 from vxl_jax.compress import packing
 from vxl_jax.compress.packing import PlanArrays, PrefillSpec
 from vxl_jax.compress.plan import make_plan
@@ -109,3 +110,11 @@ def prepare(batch: dict, cfg: VideoXLConfig, ratios: Sequence[int], *,
     tokens = int(text_mask.sum()) + int(num_frames.sum()) * per_frame
     targets = int((prefix_targets >= 0).sum() + (suffix_targets >= 0).sum())
     return Prepared(TrainInputs(arrays, frames, prefix_targets, suffix_targets), spec, tokens, targets)
+
+
+def to_global(inputs: TrainInputs, mesh) -> TrainInputs:
+    """This process's rows on the mesh: rows over (data, fsdp); the per-window branch [W] replicated."""
+    branch = inputs.plan.branch
+    rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
+    branch = parallel.host_to_global(branch, mesh, replicated=True)
+    return rows.replace(plan=rows.plan.replace(branch=branch))

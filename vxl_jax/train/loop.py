@@ -117,8 +117,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
     _prepare_data(cfg, workdir, progress and leader)
 
     mesh = parallel.make_mesh(cfg.mesh_config())
-    batch_rows = parallel.BATCH_AXES
-    data_ways = int(np.prod([mesh.shape[a] for a in batch_rows]))
+    data_ways = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
     settings = cfg.step_settings()
     procs = jax.process_count()
     if cfg.global_batch % (data_ways * settings.accum_steps) or cfg.global_batch % procs:
@@ -163,7 +162,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     t0 = time.perf_counter()
                     batch = next(iterator)
                     prepared = batch_lib.prepare(batch, model_cfg, ratios)
-                    inputs = _global_inputs(prepared.inputs, mesh)
+                    inputs = batch_lib.to_global(prepared.inputs, mesh)
                     t1 = time.perf_counter()
                     state, out = step_fn(state, inputs, spec=prepared.spec)
                     out = jax.device_get(out)
@@ -208,18 +207,11 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
     return RunResult(start, int(state.step), last_loss, stopped, export_dir)
 
 
-def _global_inputs(inputs: batch_lib.TrainInputs, mesh) -> batch_lib.TrainInputs:
-    """Rows over (data, fsdp); the plan's per-window branch [W] is shared by all rows (replicated)."""
-    branch = inputs.plan.branch
-    rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
-    branch = parallel.host_to_global(branch, mesh, replicated=True)
-    return rows.replace(plan=rows.plan.replace(branch=branch))
-
-
 def _data_metrics(iterator) -> dict:
-    local = iterator.metrics()
-    if jax.process_count() == 1:
-        return {k: v for k, v in local.items() if k in ("data/records_skipped", "data/records_seen")}
+    """Records seen and skipped, summed over processes."""
     keys = ("data/records_skipped", "data/records_seen")
-    summed = multihost_utils.process_allgather(np.asarray([local[k] for k in keys], np.int64)).sum(axis=0)
-    return dict(zip(keys, summed.tolist()))
+    local = iterator.metrics()
+    values = np.asarray([local[k] for k in keys], np.int64)
+    if jax.process_count() > 1:
+        values = multihost_utils.process_allgather(values).sum(axis=0)
+    return dict(zip(keys, values.tolist()))

@@ -31,6 +31,7 @@ import optax
 
 from vxl_jax.compress.packing import PrefillSpec
 from vxl_jax.config import VideoXLConfig
+from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD
 from vxl_jax.train import optim
 from vxl_jax.train.batch import TrainInputs
 from vxl_jax.train.loss import loss_terms
@@ -52,8 +53,8 @@ class StepSettings:
     dtype: str = "float32"          # compute dtype; parameters and optimizer state stay float32
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
     remat_window: str = "none"      # per compression window (the scan body)
-    pixel_mean: tuple[float, ...] = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-    pixel_std: tuple[float, ...] = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+    pixel_mean: tuple[float, ...] = tuple(m * 255 for m in CLIP_MEAN)   # on uint8 pixels
+    pixel_std: tuple[float, ...] = tuple(s * 255 for s in CLIP_STD)
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
