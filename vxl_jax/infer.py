@@ -76,18 +76,25 @@ class Answerer:
         return cls(params, cfg, tokenizer, eos_ids(checkpoint_dir, tokenizer), dtype)
 
     def ask(self, video_path: str, question: str, *, sampling: video.Sampling = video.uniform(32),
-            ratio: Optional[int] = DEFAULT_RATIO, max_new_tokens: int = 64, decoding: Sampling = GREEDY,
-            seed: int = 0, system: Optional[str] = prompts.SYSTEM_MESSAGE,
-            progress: Callable[[str], None] = _silent) -> Answer:
-        seconds = {}
+            progress: Callable[[str], None] = _silent, **options) -> Answer:
+        """Reads `sampling`'s frames of the file, then `ask_frames` (same options)."""
         t = time.perf_counter()
         clip = video.read(video_path, sampling)
-        seconds["read"] = time.perf_counter() - t
+        read_s = time.perf_counter() - t
         progress(f"read {len(clip.indices)} of {clip.total_frames} frames ({clip.avg_fps:.1f} fps, "
-                 f"{clip.frames.shape[2]}x{clip.frames.shape[1]}) from {video_path} in {seconds['read']:.2f} s")
+                 f"{clip.frames.shape[2]}x{clip.frames.shape[1]}) from {video_path} in {read_s:.2f} s")
+        answer = self.ask_frames(clip.frames, question, progress=progress, **options)
+        return dataclasses.replace(answer, frame_indices=clip.indices, timestamps=clip.timestamps,
+                                   seconds={"read": read_s, **answer.seconds})
 
+    def ask_frames(self, frames: np.ndarray, question: str, *, ratio: Optional[int] = DEFAULT_RATIO,
+                   max_new_tokens: int = 64, decoding: Sampling = GREEDY, seed: int = 0,
+                   system: Optional[str] = prompts.SYSTEM_MESSAGE,
+                   progress: Callable[[str], None] = _silent) -> Answer:
+        """Answers `question` about uint8 RGB frames [F, H, W, 3] (any size: resized and cropped here)."""
+        seconds = {}
         t = time.perf_counter()
-        frames = preprocess.crop_frames_u8(clip.frames, self.cfg.vision.image_size)
+        frames = preprocess.crop_frames_u8(np.asarray(frames), self.cfg.vision.image_size)
         ids = prompts.inference_prompt(self.tokenizer, question, system=system)
         seconds["preprocess"] = time.perf_counter() - t
         progress(f"resized and cropped to {frames.shape[-1]} px, prompt of {len(ids) - 1} text tokens "
@@ -108,5 +115,6 @@ class Answerer:
                  f"and generated {n} tokens in {seconds['generate']:.2f} s (compile included)")
         text_ids = [int(i) for i in tokens if int(i) not in self.eos]
         text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        return Answer(text, tokens, clip.indices, clip.timestamps, memory, seconds)
+        # Frame numbers and times are the caller's (`ask` fills them from the file); here: positions, times unknown.
+        return Answer(text, tokens, np.arange(len(frames)), np.full(len(frames), np.nan), memory, seconds)
 

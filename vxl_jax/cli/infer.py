@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
     frames.add_argument("--fps", type=float, default=None,
                         help="sample frames at this rate instead, capped at --max-frames")
     p.add_argument("--max-frames", type=int, default=256, help="cap for --fps sampling (default 256)")
+    add_answer_options(p)
+    p.add_argument("--quiet", action="store_true", help="print only the answer")
+    p.set_defaults(run=_run)
+
+
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    """The options of how a question is answered (compression, decoding, dtype); shared with `vxl eval`."""
     p.add_argument("--ratio", type=_ratio, default=8,
                    help="compression ratio: one VST per R visual tokens, or 'none' for no compression (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
@@ -41,21 +48,27 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling (default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute and parameter dtype (default float32)")
-    p.add_argument("--quiet", action="store_true", help="print only the answer")
-    p.set_defaults(run=_run)
+
+
+def answer_options(args: argparse.Namespace) -> dict:
+    """`Answerer.ask_frames` keyword arguments from `add_answer_options`' flags (validated)."""
+    from vxl_jax.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    return dict(ratio=args.ratio, max_new_tokens=args.max_new_tokens,
+                decoding=Sampling(temperature=args.temperature, top_p=args.top_p), seed=args.seed)
 
 
 def _run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from vxl_jax.data import video
-    from vxl_jax.generate import Sampling
     from vxl_jax.infer import Answerer
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    options = answer_options(args)
     sampling = video.by_fps(args.fps, args.max_frames) if args.fps else video.uniform(args.frames or 32)
 
     def progress(message: str) -> None:
@@ -63,9 +76,6 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[vxl infer] {message}", file=sys.stderr, flush=True)
 
     answerer = Answerer.load(args.checkpoint, dtype=getattr(jnp, args.dtype), progress=progress)
-    answer = answerer.ask(args.video, args.question, sampling=sampling, ratio=args.ratio,
-                          max_new_tokens=args.max_new_tokens,
-                          decoding=Sampling(temperature=args.temperature, top_p=args.top_p), seed=args.seed,
-                          progress=progress)
+    answer = answerer.ask(args.video, args.question, sampling=sampling, progress=progress, **options)
     print(answer.text)
     return 0
