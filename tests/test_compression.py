@@ -122,15 +122,19 @@ def test_one_compilation_per_bucket(model):
 
 def test_step_random_schedule_is_reproducible(model):
     params, cfg = model
-    draw = lambda seed: schedules.step_random([2, 4, 8], jax.random.key(seed))(12)
+    video = lambda windows: schedules.VideoInfo(windows * cfg.vst.window, cfg.tokens_per_frame, cfg.vst.window)
+    draw = lambda seed, n=12: schedules.step_random([2, 4, 8])(video(n), jax.random.key(seed)).ratios
     assert draw(0) == draw(0) and set(draw(0)) <= {2, 4, 8}
+    assert draw(0, 5) == draw(0)[:5]                       # prefix-stable: rows of a batch agree per window
     assert len({tuple(draw(s)) for s in range(6)}) > 1
+    with pytest.raises(PlanError, match="explicit PRNG key"):
+        schedules.step_random([2, 4])(video(3), None)
     rng = np.random.default_rng(4)
     prompt, feats = _prompt(rng, 10, 5), _features(rng, 100, cfg)
     logits = []
     for _ in range(2):
-        sched = schedules.step_random([2, 4, 8], jax.random.key(42))
-        prepared = pipeline.prepare(cfg, [prompt], [feats], sched, ratios=[2, 4, 8])
+        prepared = pipeline.prepare(cfg, [prompt], [feats], schedules.step_random([2, 4, 8]),
+                                    key=jax.random.key(42), ratios=[2, 4, 8])
         logits.append(np.asarray(prefill_lib.prefill_jit(params, cfg, prepared.arrays,
                                                          jnp.asarray(prepared.visual),
                                                          spec=prepared.spec).last_logits))
@@ -145,7 +149,8 @@ def test_bad_ratios_fail_before_anything_runs(model):
         with pytest.raises(PlanError, match="integers >= 1"):
             schedules.fixed(bad)
     with pytest.raises(PlanError, match="integers >= 1"):
-        pipeline.prepare(cfg, [prompt], [feats], lambda n: [4] * (n - 1) + [0])
+        pipeline.prepare(cfg, [prompt], [feats], lambda video, key: schedules.Segments(
+            (video.num_tokens,), (0,)))
     with pytest.raises(PlanError, match="2 ratio\\(s\\) but the video has 5 window"):
         pipeline.prepare(cfg, [prompt], [feats], schedules.per_window([2, 4]))
     with pytest.raises(PlanError, match="not in the compiled set"):

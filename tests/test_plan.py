@@ -39,6 +39,15 @@ def test_carry_rule_on_windows_that_are_not_multiples_of_the_ratio():
         assert w.num_vst == (w.raw + w.carry_in) // w.ratio
 
 
+def test_a_ratio_change_restarts_the_carry():
+    # 10 tokens at r = 7 leave 3; at r = 2 that remainder would owe VSTs before the window starts.
+    plan = make_plan(0, 30, 0, [7, 2, 2], window=10, lengths=[10, 9, 10])
+    assert [w.carry_in for w in plan.windows] == [0, 0, 1]
+    assert [w.vst_after for w in plan.windows] == [(7,), (2, 4, 6, 8), (1, 3, 5, 7, 9)]
+    for w in plan.windows:
+        assert w.num_vst <= -(-10 // w.ratio)
+
+
 def test_mixed_ratios_and_interleaving():
     plan = make_plan(2, 12, 1, [2, 4], window=8)
     assert plan.vst_per_window == [4, 1]

@@ -12,7 +12,8 @@ prefill and the decode loop.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+import functools
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,9 @@ import numpy as np
 
 from vxl_jax.compress import packing
 from vxl_jax.compress.packing import Buckets, PlanArrays, PrefillSpec
-from vxl_jax.compress.plan import Plan, make_plan, num_windows
+from vxl_jax.compress.plan import Plan, make_plan
 from vxl_jax.compress.prefill import PrefillResult, prefill_jit
-from vxl_jax.compress.schedules import Schedule
+from vxl_jax.compress.schedules import Schedule, VideoInfo
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.generate import GREEDY, Generation, Sampling, generate_jit
 from vxl_jax.model.videoxl import split_prompt
@@ -50,20 +51,51 @@ def _visual_tokens(v: np.ndarray, cfg: VideoXLConfig) -> tuple[str, int]:
     raise ValueError(f"a video is frames [F, C, H, W] or features [n, D] / [F, tokens, D]; got shape {v.shape}")
 
 
+def mean_frame_features(visual: np.ndarray, tokens_per_frame: int) -> np.ndarray:
+    """Per-frame features of a features input: each frame's visual tokens averaged, [F, D]."""
+    v = np.asarray(visual, np.float32).reshape(-1, np.asarray(visual).shape[-1])
+    if len(v) % tokens_per_frame:
+        raise ValueError(f"{len(v)} visual tokens are not whole frames of {tokens_per_frame}")
+    return v.reshape(-1, tokens_per_frame, v.shape[-1]).mean(axis=1)
+
+
 def prepare(cfg: VideoXLConfig, prompts: Sequence, visuals: Sequence[np.ndarray],
-            schedule: Union[Schedule, Sequence[Schedule]], *, ratios: Optional[Sequence[Optional[int]]] = None,
+            schedule: Union[Schedule, Sequence[Schedule]], *, key: Optional[jax.Array] = None,
+            frame_features: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+            questions: Optional[Sequence[np.ndarray]] = None, ratios: Optional[Sequence[Optional[int]]] = None,
             buckets: Buckets = Buckets(), max_new_tokens: int = 0) -> Prepared:
-    """Plans and pads a batch. `schedule` is one schedule for all rows or one per row."""
+    """Plans and pads a batch. `schedule` is one schedule for all rows or one per row.
+
+    key: the PRNG key random schedules draw from (every row gets the same key,
+    so rows agree per window index). frame_features(visual) -> [F, D]: what
+    content-aware schedules (`schedules.dynamic`) look at; features inputs
+    default to each frame's mean token, frames need it given. questions: one
+    embedding [D] per row for schedules that read `VideoInfo.question`.
+    """
     if len(prompts) != len(visuals):
         raise ValueError(f"{len(prompts)} prompts but {len(visuals)} videos")
     schedules = list(schedule) if isinstance(schedule, (list, tuple)) else [schedule] * len(prompts)
-    window = cfg.vst.window
+    window, per_frame = cfg.vst.window, cfg.tokens_per_frame
     kinds, plans, prefixes, suffixes = set(), [], [], []
-    for prompt, visual, sched in zip(prompts, visuals, schedules):
+    for b, (prompt, visual, sched) in enumerate(zip(prompts, visuals, schedules)):
         prefix, suffix = split_prompt(prompt)
-        kind, n = _visual_tokens(np.asarray(visual), cfg)
+        visual = np.asarray(visual)
+        kind, n = _visual_tokens(visual, cfg)
         kinds.add(kind)
-        plans.append(make_plan(len(prefix), n, len(suffix), sched(num_windows(n, window)), window=window))
+        if frame_features is not None:
+            features_fn = functools.partial(frame_features, visual)
+        elif kind == "features":
+            features_fn = functools.partial(mean_frame_features, visual, per_frame)
+        else:
+            features_fn = None
+        info = VideoInfo(n, per_frame, window, None if questions is None else np.asarray(questions[b]),
+                         features_fn)
+        segments = sched(info, key)
+        if kind == "frames" and any(length % per_frame for length in segments.lengths):
+            raise ValueError(f"streaming frames needs windows of whole frames ({per_frame} tokens each), "
+                             f"the schedule gave lengths {list(segments.lengths)}")
+        plans.append(make_plan(len(prefix), n, len(suffix), segments.ratios, window=window,
+                               lengths=segments.lengths))
         prefixes.append(prefix)
         suffixes.append(suffix)
     if len(kinds) != 1:

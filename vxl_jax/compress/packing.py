@@ -88,6 +88,7 @@ class PlanArrays:
     branch: np.ndarray       # [W] index into spec.ratios; spec.noop_branch for a window no row has
     kept: np.ndarray         # [B, W] entries the window leaves in memory
     vst_slots: np.ndarray    # [B, W, spec.slot_width] index of each VST among the fed tokens
+    visual_start: np.ndarray  # [B, W] the window's first raw token in the row's visual input
 
     @property
     def num_windows(self) -> int:
@@ -109,7 +110,7 @@ def _fixed_or(fixed: Optional[int], bucketed: int, needed: int, what: str) -> in
 def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], *,
          ratios: Optional[Sequence[Optional[int]]] = None, buckets: Buckets = Buckets(),
          max_new_tokens: int = 0, prefix_size: Optional[int] = None, suffix_size: Optional[int] = None,
-         windows: Optional[int] = None) -> tuple[PlanArrays, PrefillSpec]:
+         windows: Optional[int] = None, require_suffix: bool = True) -> tuple[PlanArrays, PrefillSpec]:
     """Pads a batch of plans (one per row) into arrays and the spec of the program to run them.
 
     `ratios` is the branch set compiled in; default: the ratios the plans use.
@@ -117,6 +118,8 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
     compilation across schedules. Within a batch, a window index has one ratio.
     `prefix_size` / `suffix_size` / `windows` fix the padded sizes instead of
     the buckets' choice (the training loader has already bucketed its batch).
+    `require_suffix=False` allows plans without text after the video (Video-X2L
+    encodes the video once and appends each question later).
     """
     if not plans:
         raise PlanError("empty batch")
@@ -126,7 +129,7 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
         if len(pre) != plan.prefix or len(suf) != plan.suffix:
             raise PlanError(f"row {b}: plan says prefix {plan.prefix} / suffix {plan.suffix}, "
                             f"ids have {len(pre)} / {len(suf)}")
-        if plan.suffix < 1:
+        if plan.suffix < 1 and require_suffix:
             raise PlanError(f"row {b}: no text after the video; the prompt must end with at least one "
                             "token after <image> (the chat template's assistant turn)")
     sizes = {p.window for p in plans}
@@ -163,7 +166,8 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
         suffix_ids=np.zeros((batch, s_len), np.int32), suffix_len=np.zeros(batch, np.int32),
         branch=np.full(n_win, spec.noop_branch, np.int32),
         kept=np.zeros((batch, n_win), np.int32),
-        vst_slots=np.zeros((batch, n_win, spec.slot_width), np.int32))
+        vst_slots=np.zeros((batch, n_win, spec.slot_width), np.int32),
+        visual_start=np.zeros((batch, n_win), np.int32))
     for w, r in enumerate(per_window):
         arrays.branch[w] = branch_set.index(r)
     for b, (plan, pre, suf) in enumerate(zip(plans, prefixes, suffixes)):
@@ -174,5 +178,8 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
         for w, win in enumerate(plan.windows):
             arrays.kept[b, w] = win.kept
             arrays.vst_slots[b, w, :win.num_vst] = win.vst_slots()
+            arrays.visual_start[b, w] = win.start - plan.prefix
+        # Windows past the row's video start at its end: never read (nothing kept), always in range.
+        arrays.visual_start[b, len(plan.windows):] = plan.num_visual
     return arrays, spec
 

@@ -2,7 +2,8 @@
 
 Given the prompt layout `[prefix P][visual n][suffix S]`, the visual span is cut
 into windows of `window` raw tokens (1440 = 10 frames; the last one may be
-shorter) and each window gets a ratio r from a schedule. Inside a window, one
+shorter), or of the lengths a schedule chose (each at most `window`: the
+dynamic schedule cuts at scene changes), and each window gets a ratio r. Inside a window, one
 VST follows every r raw tokens. A window whose length is not a multiple of r
 follows the original's rule: with a remainder c carried in from the previous
 window (0 at the start) it gets floor((n + c) / r) VSTs, the first after r - c
@@ -10,7 +11,10 @@ raw tokens and then one after every r; (n + c) mod r is carried on. Raw tokens
 after a window's last VST are dropped with the window.
 
 A ratio of `None` leaves a window uncompressed: its raw tokens' keys/values are
-all kept (and the carry restarts at 0), which is the plain causal forward.
+all kept (and the carry restarts at 0), which is the plain causal forward. The
+carry also restarts when the next window has another ratio (the original only
+meets one ratio per video; a remainder of another ratio could exceed r), so a
+window never holds more than ceil(window / r) VSTs.
 
 Everything here is numpy on the host; the arrays feed one compiled prefill.
 """
@@ -109,22 +113,44 @@ def check_ratios(ratios: Sequence[Optional[int]]) -> list[Optional[int]]:
     return out
 
 
+def fixed_lengths(num_visual: int, window: int = 1440) -> list[int]:
+    """Raw tokens per window when the video is cut every `window` tokens (the last window takes the rest)."""
+    return [min(window, num_visual - i * window) for i in range(num_windows(num_visual, window))]
+
+
+def check_lengths(lengths: Sequence[int], num_visual: int, window: int) -> list[int]:
+    """Window lengths as ints; raises PlanError unless each is in [1, window] and they add up to num_visual."""
+    out = [int(n) for n in lengths]
+    bad = [n for n in out if not 1 <= n <= window]
+    if bad:
+        raise PlanError(f"window lengths must be between 1 and the window size {window}, got {bad}")
+    if sum(out) != num_visual:
+        raise PlanError(f"window lengths add up to {sum(out)} visual tokens, the video has {num_visual}")
+    return out
+
+
 def make_plan(prefix: int, num_visual: int, suffix: int, ratios: Sequence[Optional[int]], *,
-              window: int = 1440) -> Plan:
-    """Plans the windows of one sequence; `ratios` has one entry per window (None: uncompressed)."""
+              window: int = 1440, lengths: Optional[Sequence[int]] = None) -> Plan:
+    """Plans the windows of one sequence; `ratios` has one entry per window (None: uncompressed).
+
+    `lengths`: raw tokens per window (default: cut every `window` tokens).
+    """
     if window < 1:
         raise PlanError(f"window must be >= 1, got {window}")
     if min(prefix, num_visual, suffix) < 0:
         raise PlanError(f"negative segment length: prefix {prefix}, visual {num_visual}, suffix {suffix}")
-    count = num_windows(num_visual, window)
+    cut = "of" if lengths is None else "of up to"
+    lengths = fixed_lengths(num_visual, window) if lengths is None else check_lengths(lengths, num_visual, window)
     ratios = check_ratios(ratios)
-    if len(ratios) != count:
-        raise PlanError(f"{num_visual} visual tokens make {count} window(s) of {window}, "
+    if len(ratios) != len(lengths):
+        raise PlanError(f"{num_visual} visual tokens make {len(lengths)} window(s) {cut} {window}, "
                         f"but the schedule gives {len(ratios)} ratio(s)")
-    windows, carry = [], 0
-    for i, r in enumerate(ratios):
-        raw = min(window, num_visual - i * window)
+    windows, carry, start = [], 0, prefix
+    for i, (raw, r) in enumerate(zip(lengths, ratios)):
         vst_after = () if r is None else tuple(range(r - carry, raw + 1, r))
-        windows.append(Window(start=prefix + i * window, raw=raw, ratio=r, carry_in=carry, vst_after=vst_after))
+        windows.append(Window(start=start, raw=raw, ratio=r, carry_in=carry, vst_after=vst_after))
         carry = 0 if r is None else (raw + carry) % r
+        start += raw
+        if i + 1 < len(ratios) and ratios[i + 1] != r:
+            carry = 0     # a remainder counts toward the same ratio only: the next window restarts (so carry < r)
     return Plan(prefix=prefix, num_visual=num_visual, suffix=suffix, windows=tuple(windows), window=window)

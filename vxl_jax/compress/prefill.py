@@ -23,7 +23,8 @@ Axis legend: B batch, W windows, T fed tokens, D width, V vocabulary, F frames.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Sequence
 
 import flax
 import jax
@@ -48,13 +49,21 @@ class PrefillResult:
     memory_before: jax.Array     # [W, B] memory length when each window started
 
 
-def _window_visual(params, cfg: VideoXLConfig, visual, w, window: int, pixel_norm, dtype):
-    """The window's visual tokens [B, window, D] from features or from frames."""
+def _window_visual(params, cfg: VideoXLConfig, visual, starts, window: int, pixel_norm, dtype):
+    """The window's visual tokens [B, window, D], row b from its own start (features or frames).
+
+    starts [B]: the window's first raw token in each row's visual input (windows
+    of a schedule with variable lengths start at different places per row).
+    Tokens past the window's real length are the next window's or padding; they
+    come after every VST the window keeps, so causality hides them.
+    """
     if visual.ndim == 3:                                   # features [B, W*window, D]
-        return jax.lax.dynamic_slice_in_dim(visual, w * window, window, axis=1).astype(dtype)
+        take = lambda v, s: jax.lax.dynamic_slice_in_dim(v, s, window, axis=0)
+        return jax.vmap(take)(visual, starts).astype(dtype)
     per_frame = cfg.tokens_per_frame                       # frames [B, W*frames, C, H, W]
     frames = window // per_frame
-    chunk = jax.lax.dynamic_slice_in_dim(visual, w * frames, frames, axis=1)
+    take = lambda v, s: jax.lax.dynamic_slice_in_dim(v, s // per_frame, frames, axis=0)
+    chunk = jax.vmap(take)(visual, starts)
     b = chunk.shape[0]
     pixels = chunk.reshape(b * frames, *chunk.shape[2:])
     pixels = pixels.astype(dtype) if pixel_norm is None else videoxl.normalise_pixels(pixels, *pixel_norm, dtype)
@@ -89,6 +98,77 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
     return step
 
 
+def run_prefix(params: dict, cfg: VideoXLConfig, plan: PlanArrays, buffer_size: int, *, dtype=jnp.float32,
+               remat: str = "none") -> tuple[jax.Array, Memory]:
+    """The prefix text (the sink), causal and kept whole: (final-normed hidden [B, P, D], memory)."""
+    llm, lcfg = params["llm"], cfg.llm
+    memory = Memory.empty(lcfg, plan.prefix_ids.shape[0], buffer_size, dtype)
+    x = qwen2.embed(llm, plan.prefix_ids, dtype)
+    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], buffer_size)
+    hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    return hidden, Memory(cache, plan.prefix_len.astype(jnp.int32))   # padding past prefix_len is scratch
+
+
+def run_windows(params: dict, cfg: VideoXLConfig, levels: Sequence[tuple[PlanArrays, PrefillSpec]],
+                memories: Sequence[Memory], visual: jax.Array, *, pixel_norm=None, dtype=jnp.float32,
+                remat: str = "none", remat_window: str = "none", frame_means: bool = False):
+    """The scan over visual windows, for one or more compression levels of the same windows.
+
+    Each level (its plan arrays and spec) carries its own memory; a window's
+    visual tokens are computed once and fed to every level (Video-X2L's L-KV and
+    H-KV passes share CLIP). Returns the memories and, per level, [W, B] the
+    memory length when each window started; with `frame_means` also [W, B,
+    window frames, D]: each frame's mean visual token, read from the window's
+    start (what the attention relevance oracle compares the question with).
+    """
+    batch, hidden = levels[0][0].prefix_ids.shape[0], cfg.llm.hidden_size
+    window, noop = levels[0][1].window, [spec.noop_branch for _, spec in levels]
+    steps = [[*[_compressed_branch(params, cfg, spec, r, remat) for r in spec.ratios], lambda c, l, f, k, s: (c, l)]
+             for _, spec in levels]
+
+    def window_step(carry, xs):
+        w_starts, per_level = xs
+        active = functools.reduce(jnp.logical_or, [b != n for (b, _, _), n in zip(per_level, noop)])
+        feats = jax.lax.cond(active,
+                             lambda: _window_visual(params, cfg, visual, w_starts, window, pixel_norm, dtype),
+                             lambda: jnp.zeros((batch, window, hidden), dtype))
+        new_carry = []
+        for (cache, length), (branch, kept, slots), branches in zip(carry, per_level, steps):
+            cache, new_length = jax.lax.switch(branch, branches, cache, length, feats, kept, slots)
+            cache = jax.tree.map(lambda c: parallel.constrain(c, CACHE_AXES), cache)
+            new_carry.append((cache, new_length))
+        before = [length for _, length in carry]
+        if frame_means:
+            per_frame = cfg.tokens_per_frame
+            return new_carry, (before, feats.reshape(batch, window // per_frame, per_frame, hidden).mean(axis=2))
+        return new_carry, before
+
+    if remat_window != "none":
+        window_step = jax.checkpoint(window_step, policy=qwen2.REMAT_POLICIES[remat_window], prevent_cse=False)
+    xs = (levels[0][0].visual_start.T,
+          [(plan.branch, plan.kept.T, plan.vst_slots.swapaxes(0, 1)) for plan, _ in levels])
+    if frame_means and window % cfg.tokens_per_frame:
+        raise ValueError(f"frame means need whole frames per window: {window} tokens, {cfg.tokens_per_frame} per frame")
+    carry, ys = jax.lax.scan(window_step, [(m.cache, m.length) for m in memories], xs)
+    memories = [Memory(cache, length) for cache, length in carry]
+    return (memories, *ys) if frame_means else (memories, ys)
+
+
+def run_text(params: dict, cfg: VideoXLConfig, memory: Memory, ids: jax.Array, lengths: jax.Array, *,
+             dtype=jnp.float32, remat: str = "none") -> tuple[jax.Array, Memory, jax.Array]:
+    """Uncompressed text [B, T] (right-padded to `lengths`) appended to a memory.
+
+    Returns (final-normed hidden [B, T, D], the memory with the text kept, logits
+    [B, V] float32 at each row's last text token).
+    """
+    llm, lcfg = params["llm"], cfg.llm
+    x = qwen2.embed(llm, ids, dtype)
+    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], memory.size)
+    hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return hidden, Memory(cache, memory.length + lengths.astype(jnp.int32)), qwen2.logits(llm, lcfg, last)
+
+
 def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Array, *, spec: PrefillSpec,
             pixel_norm: Optional[tuple[jax.Array, jax.Array]] = None, dtype=jnp.float32,
             remat: str = "none", remat_window: str = "none") -> PrefillResult:
@@ -102,44 +182,13 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
     window keeps only the carried memory per window and recomputes the rest.
     """
     TRACES["prefill"] += 1
-    llm, lcfg = params["llm"], cfg.llm
-    batch = plan.prefix_ids.shape[0]
-    memory = Memory.empty(lcfg, batch, spec.buffer_size, dtype)
-
-    # 1. prefix (the sink): causal, kept whole. Padding past prefix_len is scratch.
-    x = qwen2.embed(llm, plan.prefix_ids, dtype)
-    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], spec.buffer_size)
-    prefix_hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
-    length = plan.prefix_len.astype(jnp.int32)
-
-    # 2. the visual windows
-    branches = [_compressed_branch(params, cfg, spec, r, remat) for r in spec.ratios]
-
-    def window_step(carry, xs):
-        cache, length = carry
-        w, branch, kept, slots = xs
-        feats = jax.lax.cond(branch == spec.noop_branch,
-                             lambda: jnp.zeros((batch, spec.window, lcfg.hidden_size), dtype),
-                             lambda: _window_visual(params, cfg, visual, w, spec.window, pixel_norm, dtype))
-        noop = lambda c, l, f, k, s: (c, l)
-        new_cache, new_length = jax.lax.switch(branch, [*branches, noop], cache, length, feats, kept, slots)
-        new_cache = jax.tree.map(lambda c: parallel.constrain(c, CACHE_AXES), new_cache)
-        return (new_cache, new_length), length
-
-    if remat_window != "none":
-        window_step = jax.checkpoint(window_step, policy=qwen2.REMAT_POLICIES[remat_window], prevent_cse=False)
-    xs = (jnp.arange(plan.num_windows, dtype=jnp.int32), plan.branch, plan.kept.T, plan.vst_slots.swapaxes(0, 1))
-    (cache, length), memory_before = jax.lax.scan(window_step, (cache, length), xs)
-
-    # 3. the suffix text: uncompressed, kept.
-    x = qwen2.embed(llm, plan.suffix_ids, dtype)
-    ctx = qwen2.make_context(lcfg, length, x.shape[1], spec.buffer_size)
-    hidden, cache = qwen2.decode_layers(llm, lcfg, x, cache, ctx, remat=remat, dtype=dtype)
-    last = jnp.take_along_axis(hidden, (plan.suffix_len - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    return PrefillResult(memory=Memory(cache, length + plan.suffix_len.astype(jnp.int32)),
-                         last_logits=qwen2.logits(llm, lcfg, last), prefix_hidden=prefix_hidden,
-                         suffix_hidden=hidden,
-                         memory_before=memory_before)
+    prefix_hidden, memory = run_prefix(params, cfg, plan, spec.buffer_size, dtype=dtype, remat=remat)
+    (memory,), (memory_before,) = run_windows(params, cfg, [(plan, spec)], [memory], visual, pixel_norm=pixel_norm,
+                                              dtype=dtype, remat=remat, remat_window=remat_window)
+    hidden, memory, last_logits = run_text(params, cfg, memory, plan.suffix_ids, plan.suffix_len, dtype=dtype,
+                                           remat=remat)
+    return PrefillResult(memory=memory, last_logits=last_logits, prefix_hidden=prefix_hidden,
+                         suffix_hidden=hidden, memory_before=memory_before)
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg", "spec", "dtype", "remat", "remat_window"))
