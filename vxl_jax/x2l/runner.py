@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import Buckets
 from vxl_jax.compress.prefill import run_text
 from vxl_jax.config import VideoXLConfig
