@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vxl_jax.cli import convert, demo, fixture_check, infer, tiny_model, train
+from vxl_jax.cli import convert, demo, eval, fixture_check, infer, tiny_clip, tiny_model, train
 
-COMMANDS = (convert, tiny_model, demo, infer, train, fixture_check)
+COMMANDS = (convert, tiny_model, tiny_clip, demo, infer, eval, train, fixture_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vxl",
-        description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, train, check parity with golden cases.",
+        description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, evaluate (multiple-choice QA, needle in a haystack), train, check parity with golden cases.",
         epilog="Run `vxl COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:

@@ -1,0 +1,428 @@
+"""Multiple-choice video QA: MLVU and Video-MME annotations, the prompt, answer parsing, scoring.
+
+Layouts read (detected per file from its first record):
+
+- MLVU (one JSON list per task, e.g. `json/1_plotQA.json`): records with "video",
+  "duration" (seconds), "question", "candidates" (option texts), "answer" (the
+  text of the right candidate) and "question_type". Its videos sit in one folder
+  per task (`video/1_plotQA/...`), so a video is looked for at `ROOT/video` and
+  then at `ROOT/<json file stem>/video`.
+- Video-MME flat (the HF release as JSON): one record per question with
+  "video_id", "videoID", "duration" (short/medium/long), "domain",
+  "sub_category", "task_type", "question_id", "question", "options"
+  (["A. text", ...]) and "answer" (a letter). The file is `<videoID>.mp4`.
+- Video-MME nested: one record per video with the video fields and a
+  "questions" list of {question_id, task_type, question, options, answer}.
+
+Anything malformed raises `FormatError` naming the file and the record.
+
+The prompt is Video-XL's multiple-choice form: the question, the options as
+"(A) text" lines, then an instruction to answer with the option's letter.
+`parse_choice` reads the letter back out of free text (or, failing that, an
+option's text), so a model that does not follow the instruction exactly is
+still scored on what it said, and one that says nothing usable is counted as
+unparsed (and wrong) rather than guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import string
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from vxl_jax.data import video
+
+LETTERS = string.ascii_uppercase
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
+
+AnswerFn = Callable[[np.ndarray, str], str]
+
+
+class FormatError(ValueError):
+    """An annotation file or record that is not one of the layouts read here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    id: str
+    video: str                          # path relative to the video root
+    question: str
+    options: tuple[str, ...]            # option texts, without "A." / "(A)" prefixes
+    answer_index: int
+    task_type: str
+    duration: Optional[Union[float, str]] = None   # seconds (MLVU) or short/medium/long (Video-MME)
+    source: str = ""                    # the annotation file it came from
+
+    def __post_init__(self):
+        if not 2 <= len(self.options) <= len(LETTERS):
+            raise ValueError(f"question {self.id}: needs 2 to {len(LETTERS)} options, got {len(self.options)}")
+        if not 0 <= self.answer_index < len(self.options):
+            raise ValueError(f"question {self.id}: answer index {self.answer_index} is not one of the "
+                             f"{len(self.options)} options")
+
+    @property
+    def answer_letter(self) -> str:
+        return LETTERS[self.answer_index]
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path: str) -> list[Question]:
+    """Questions of one annotation file, or of every `*.json` in a folder (sorted by name)."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.json")))
+        if not files:
+            raise FileNotFoundError(f"no *.json annotation files in {path}")
+        return [q for f in files for q in load_file(f)]
+    return load_file(path)
+
+
+def load_file(path: str) -> list[Question]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise FormatError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    if not data:
+        raise FormatError(f"{path}: the list of records is empty")
+    layout = detect_layout(data[0], path)
+    reader = {"mlvu": _mlvu, "videomme": _videomme, "videomme-nested": _videomme_nested}[layout]
+    questions = []
+    for i, record in enumerate(data):
+        where = f"{path}: record {i}"
+        if not isinstance(record, dict):
+            raise FormatError(f"{where}: expected an object, got {type(record).__name__}")
+        try:
+            questions.extend(reader(record, i, path))
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: {e}") from None
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise FormatError(f"{path}: question id {dup!r} appears more than once")
+    return questions
+
+
+def detect_layout(record: object, path: str = "<data>") -> str:
+    """'mlvu', 'videomme' or 'videomme-nested', from the keys of a file's first record."""
+    if not isinstance(record, dict):
+        raise FormatError(f"{path}: record 0: expected an object, got {type(record).__name__}")
+    if "questions" in record:
+        return "videomme-nested"
+    if "candidates" in record:
+        return "mlvu"
+    if "options" in record:
+        return "videomme"
+    raise FormatError(f"{path}: record 0 is neither MLVU (needs 'candidates') nor Video-MME (needs 'options' or "
+                      f"'questions'); its keys are {sorted(record)}")
+
+
+def _field(record: dict, key: str, kind: type, where: str):
+    if key not in record:
+        raise FormatError(f"{where}: missing {key!r} (keys: {sorted(record)})")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FormatError(f"{where}: {key!r} should be {kind}, got {value!r}")
+    return value
+
+
+def _text_list(record: dict, key: str, where: str) -> list[str]:
+    items = _field(record, key, list, where)
+    if not all(isinstance(t, str) for t in items):
+        raise FormatError(f"{where}: {key!r} should be a list of strings, got {items!r}")
+    return items
+
+
+def _mlvu(record: dict, i: int, path: str) -> list[Question]:
+    where = f"{path}: record {i}"
+    candidates = _text_list(record, "candidates", where)
+    if "answer" not in record:
+        raise FormatError(f"{where}: missing 'answer' (MLVU's test set keeps its answers private; "
+                          "use the dev set)")
+    answer = _field(record, "answer", str, where)
+    hits = [k for k, c in enumerate(candidates) if c.strip() == answer.strip()]
+    if len(hits) != 1:
+        why = "is not one of" if not hits else "appears more than once among"
+        raise FormatError(f"{where}: the answer {answer!r} {why} the candidates {candidates}")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return [Question(id=str(record.get("question_id", f"{stem}-{i}")), video=_field(record, "video", str, where),
+                     question=_field(record, "question", str, where), options=tuple(candidates),
+                     answer_index=hits[0], task_type=str(record.get("question_type", stem)),
+                     duration=_duration(record.get("duration"), where), source=path)]
+
+
+def _duration(value, where: str) -> Optional[Union[float, str]]:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise FormatError(f"{where}: 'duration' should be seconds or a name, got {value!r}")
+
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])\s*[.):]\s*")
+
+
+def _strip_letters(options: list[str], where: str) -> tuple[str, ...]:
+    """"A. text" -> "text"; the letters, when present, must run A, B, C, ... in order."""
+    out = []
+    for k, option in enumerate(options):
+        m = _OPTION_PREFIX.match(option)
+        if m and m[1] != LETTERS[k]:
+            raise FormatError(f"{where}: option {k} is lettered {m[1]!r}, expected {LETTERS[k]!r}: {options}")
+        out.append(option[m.end():].strip() if m else option.strip())
+    return tuple(out)
+
+
+def _answer_index(answer: str, n: int, where: str) -> int:
+    letter = answer.strip().strip("()[]. ").upper()
+    if len(letter) != 1 or letter not in LETTERS[:n]:
+        raise FormatError(f"{where}: 'answer' should be one of the letters {LETTERS[:n]}, got {answer!r}")
+    return LETTERS.index(letter)
+
+
+def _video_file(record: dict, where: str) -> str:
+    name = record.get("videoID", record.get("video_id"))
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{where}: needs 'videoID' or 'video_id' naming the video (keys: {sorted(record)})")
+    return name if name.lower().endswith(VIDEO_EXTENSIONS) else name + ".mp4"
+
+
+def _mme_question(q: dict, video_fields: dict, where: str, path: str, fallback_id: str) -> Question:
+    options = _strip_letters(_text_list(q, "options", where), where)
+    return Question(id=str(q.get("question_id", fallback_id)), video=_video_file(video_fields, where),
+                    question=_field(q, "question", str, where), options=options,
+                    answer_index=_answer_index(_field(q, "answer", str, where), len(options), where),
+                    task_type=str(q.get("task_type", video_fields.get("task_type", "all"))),
+                    duration=_duration(video_fields.get("duration"), where), source=path)
+
+
+def _videomme(record: dict, i: int, path: str) -> list[Question]:
+    return [_mme_question(record, record, f"{path}: record {i}", path, f"{i}")]
+
+
+def _videomme_nested(record: dict, i: int, path: str) -> list[Question]:
+    where = f"{path}: record {i}"
+    questions = _field(record, "questions", list, where)
+    out = []
+    for j, q in enumerate(questions):
+        qwhere = f"{where}, question {j}"
+        if not isinstance(q, dict):
+            raise FormatError(f"{qwhere}: expected an object, got {type(q).__name__}")
+        out.append(_mme_question(q, record, qwhere, path, f"{record.get('video_id', i)}-{j}"))
+    return out
+
+
+# ---------------------------------------------------------------- prompt and parsing
+
+def prompt(question: str, options: Sequence[str]) -> str:
+    """Video-XL's multiple-choice prompt: question, "(A) text" lines, answer-with-a-letter instruction."""
+    lines = [f"Question: {question.strip()}", "Options:"]
+    lines += [f"({LETTERS[k]}) {text}" for k, text in enumerate(options)]
+    return "\n".join(lines + [INSTRUCTION])
+
+
+# After an answer word: "Answer: B", "The answer is (B) cat", "Best option:(B", "correct choice is b)".
+_AFTER_KEYWORD = re.compile(r"\b(?:answer|option|choice)\b(?:\s+(?:is|would be|should be|will be|=))?\s*[:\-]?\s*"
+                            r"([\"'(\[]?)\s*([A-Za-z])(?![A-Za-z0-9]|['’][a-z])(\s*[)\]\"'])?", re.IGNORECASE)
+_WHOLE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:,;!]?")
+_LEADING = re.compile(r"([(\[])?\s*([A-Za-z])\s*([)\]]|[.:,](?!\w)|$)")
+_BRACKETED = re.compile(r"[(\[]\s*([A-Za-z])\s*[)\]]")
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9]|['’][a-z]|\.[A-Za-z])")
+_CLAUSE_END = re.compile(r"\s*(?:[.,;:!?]|$)")
+
+
+def parse_choice(response: str, options: Sequence[str]) -> Optional[int]:
+    """The option a free-text response picks, or None if it names none (or several).
+
+    In order: the whole response is a letter ("B", "(b)", "B."); a letter after
+    "answer"/"option"/"choice" ("Answer: B", "The answer is B) cat"); a leading
+    lettered option ("B. cat", "(B) cat") unless other bracketed letters follow; exactly one bracketed letter
+    anywhere; exactly one standalone capital letter ("I think B."; a capital
+    "A"/"I" before a lower-case word is read as the article/pronoun); else
+    exactly one option's text (the longest when one option's text contains
+    another's). Lower-case letters count only where they cannot be a word:
+    alone, bracketed, or at the end of a clause after an answer word. Letters
+    past the last option are ignored.
+    """
+    n = len(options)
+    if not 1 <= n <= len(LETTERS):
+        raise ValueError(f"parse_choice needs 1 to {len(LETTERS)} options, got {n}")
+    text = response.strip()
+    if not text:
+        return None
+
+    def index(letter: str) -> Optional[int]:
+        k = LETTERS.find(letter.upper())
+        return k if 0 <= k < n else None
+
+    m = _WHOLE.fullmatch(text)
+    if m and index(m[1]) is not None:
+        return index(m[1])
+    for m in _AFTER_KEYWORD.finditer(text):
+        letter, bracketed = m[2], bool(m[1] or m[3])
+        if (letter.isupper() or bracketed or _CLAUSE_END.match(text, m.end())) and index(letter) is not None:
+            return index(letter)
+    m = _LEADING.match(text)
+    if m and index(m[2]) is not None and (m[2].isupper() or m[1] or m[3] in (")", "]")):
+        others = {index(b[1]) for b in _BRACKETED.finditer(text)} - {index(m[2]), None}
+        return None if others else index(m[2])   # "(A) red (B) blue": an echo of the options, not a pick
+    for pattern in (_BRACKETED, _STANDALONE):
+        found = set()
+        for m in pattern.finditer(text):
+            if pattern is _STANDALONE and _is_word(m[1], text[m.end():]):
+                continue
+            if index(m[1]) is not None:
+                found.add(index(m[1]))
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            return None  # several letters: ambiguous, and the text would not settle it
+    return _by_text(text, options)
+
+
+def _is_word(letter: str, after: str) -> bool:
+    """A capital "A" or "I" before a lower-case word is the article or the pronoun ("A cat", "I think"),
+    except before a word that joins or states letters ("A and B", "A is right")."""
+    if letter not in "AI":
+        return False
+    m = re.match(r"\s+([a-z]+)", after)
+    return bool(m) and not (letter == "A" and m[1] in _LETTER_WORDS)
+
+
+_LETTER_WORDS = {"and", "or", "nor", "but", "vs", "versus", "is", "was", "seems", "looks", "appears", "because",
+                 "since", "then", "would", "should", "could", "might", "must", "will", "fits", "matches"}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'")
+
+
+def _by_text(response: str, options: Sequence[str]) -> Optional[int]:
+    said = _normalise(response)
+    hits = {}
+    for k, option in enumerate(options):
+        o = _normalise(option)
+        if o and re.search(r"(?<!\w)" + re.escape(o) + r"(?!\w)", said):
+            hits[k] = o
+    # "dark red" also contains "red": keep only the hits not inside another hit.
+    kept = [k for k, o in hits.items() if not any(o != p and o in p for p in hits.values())]
+    return kept[0] if len(kept) == 1 else None
+
+
+# ---------------------------------------------------------------- scoring
+
+def _tally(pairs: list[tuple[int, Optional[int]]]) -> dict:
+    correct = sum(1 for truth, got in pairs if got == truth)
+    return {"accuracy": correct / len(pairs) if pairs else None, "correct": correct, "total": len(pairs),
+            "unparsed": sum(1 for _, got in pairs if got is None)}
+
+
+def score(questions: Sequence[Question], predictions: Sequence[Optional[int]]) -> dict:
+    """Accuracy overall, per task type and (for named durations, as Video-MME's) per duration.
+
+    `predictions[i]` is the option index chosen for `questions[i]`, None when the
+    response named none (counted wrong, and in "unparsed").
+    """
+    if len(questions) != len(predictions):
+        raise ValueError(f"{len(questions)} questions but {len(predictions)} predictions")
+    pairs = [(q.answer_index, p) for q, p in zip(questions, predictions)]
+    summary = _tally(pairs)
+    summary["by_task_type"] = {t: _tally([pr for q, pr in zip(questions, pairs) if q.task_type == t])
+                               for t in sorted({q.task_type for q in questions})}
+    named = sorted({q.duration for q in questions if isinstance(q.duration, str)})
+    if named:
+        summary["by_duration"] = {d: _tally([pr for q, pr in zip(questions, pairs) if q.duration == d])
+                                  for d in named}
+    return summary
+
+
+# ---------------------------------------------------------------- running
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One answered question, as written to results.json."""
+    id: str
+    task_type: str
+    video: str
+    question: str
+    options: tuple[str, ...]
+    answer_index: int
+    answer: str                  # the right option's letter
+    response: str
+    choice: Optional[int]        # parsed option index, None if unparsed
+    choice_letter: Optional[str]
+    correct: bool
+    frames: int
+    seconds: float               # answer_fn time (the video decode excluded)
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    records: tuple[Record, ...]
+    summary: dict
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary, "records": [dataclasses.asdict(r) for r in self.records]}
+
+
+def resolve_video(question: Question, video_root: str) -> str:
+    """ROOT/video, else ROOT/<annotation file stem>/video (MLVU keeps one video folder per task file)."""
+    direct = os.path.join(video_root, question.video)
+    if os.path.exists(direct) or not question.source:
+        return direct
+    stem = os.path.splitext(os.path.basename(question.source))[0]
+    nested = os.path.join(video_root, stem, question.video)
+    return nested if os.path.exists(nested) else direct
+
+
+def missing_videos(questions: Sequence[Question], video_root: str) -> list[str]:
+    """Paths that do not exist, checked before a long run starts rather than hours into it."""
+    return sorted({p for p in (resolve_video(q, video_root) for q in questions) if not os.path.isfile(p)})
+
+
+def _silent(message: str) -> None:
+    del message
+
+
+def run(questions: Sequence[Question], answer_fn: AnswerFn, video_root: str,
+        sampling: video.Sampling = video.uniform(32), progress: Callable[[str], None] = _silent) -> Results:
+    """Asks every question about its video's sampled frames; one progress line per question.
+
+    Consecutive questions on the same video (Video-MME has three per video)
+    decode it once. A video that cannot be read raises `VideoError`.
+    """
+    records, last = [], (None, None)
+    right = 0
+    for i, q in enumerate(questions):
+        path = resolve_video(q, video_root)
+        if last[0] != path:
+            last = (path, video.read(path, sampling))
+        frames = last[1].frames
+        t = time.perf_counter()
+        response = answer_fn(frames, prompt(q.question, q.options))
+        seconds = time.perf_counter() - t
+        choice = parse_choice(response, q.options)
+        correct = choice == q.answer_index
+        right += correct
+        records.append(Record(q.id, q.task_type, q.video, q.question, q.options, q.answer_index, q.answer_letter,
+                              response, choice, None if choice is None else LETTERS[choice], correct,
+                              len(frames), seconds))
+        got = "unparsed" if choice is None else LETTERS[choice]
+        progress(f"[{i + 1}/{len(questions)}] {q.id} ({q.task_type}): {got} (truth {q.answer_letter}) "
+                 f"{'right' if correct else 'wrong'} in {seconds:.2f} s; {right}/{i + 1} right so far; "
+                 f"response {response.strip()[:60]!r}")
+    return Results(tuple(records), score(questions, [r.choice for r in records]))
