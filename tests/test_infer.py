@@ -11,6 +11,7 @@ from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD, hf_to_jax
 from vxl_jax.data import preprocess, prompts, video
 from vxl_jax.infer import Answerer
 from vxl_jax.tiny import write_tiny_checkpoint
+from vxl_jax.x2l.runner import X2LConfig
 
 QUESTION = "Where does the square go?"
 
@@ -72,3 +73,32 @@ def test_checkpoint_without_tokenizer_exits_nonzero(tmp_path, capsys):
     write_tiny_checkpoint(str(tmp_path / "m"), tokenizer=False)
     assert vxl(["infer", "--checkpoint", str(tmp_path / "m"), "--video", "x.mp4", "--question", "hi"]) == 1
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_x2l_with_every_or_no_chunk_reloaded_answers_like_the_low_or_high_ratio(setup):
+    root, path = setup
+    answerer = Answerer.load(str(root / "hf"))
+    frames = video.read(path, video.uniform(23)).frames                 # 3 chunks: 10, 10, 3 frames
+    ask = lambda **kw: answerer.ask_frames(frames, QUESTION, max_new_tokens=5, **kw)
+    for k, ratio in ((3, 2), (0, 16)):
+        x2l = ask(x2l=X2LConfig(low=2, high=16, k=k))
+        plain = ask(ratio=ratio)
+        np.testing.assert_array_equal(x2l.token_ids, plain.token_ids)
+        assert x2l.memory_entries == plain.memory_entries
+        assert len(x2l.details["selected"]) == k and x2l.details["chunk_frames"] == [[0, 10], [10, 10], [20, 3]]
+    one = ask(x2l=X2LConfig(low=2, high=16, k=1, offload=True))
+    sizes = one.details["entries"]
+    assert sizes["all_high"] < sizes["merged"] < sizes["all_low"] and 0 < one.details["reduction_vs_all_low"] < 1
+    assert one.seconds["ttft"] > 0
+
+
+def test_infer_takes_a_schedule_and_x2l_from_the_command_line(setup, capsys):
+    root, path = setup
+    base = ["infer", "--checkpoint", str(root / "hf"), "--video", path, "--question", QUESTION,
+            "--frames", "13", "--max-new-tokens", "3"]
+    assert vxl(base + ["--schedule", "dynamic:ratio=6,threshold=0.0,min_frames=3"]) == 0
+    assert "at ratio 6 in" in capsys.readouterr().err
+    assert vxl(base + ["--x2l", "low=2,high=8,k=1,oracle=uniform"]) == 0
+    assert "X2L: 2 chunk(s) at ratios 2/8" in capsys.readouterr().err
+    assert vxl(base + ["--schedule", "fixed:ratio=seven"]) == 1
+    assert "bad value for ratio" in capsys.readouterr().err

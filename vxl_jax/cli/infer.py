@@ -42,6 +42,17 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     """The options of how a question is answered (compression, decoding, dtype); shared with `vxl eval`."""
     p.add_argument("--ratio", type=_ratio, default=8,
                    help="compression ratio: one VST per R visual tokens, or 'none' for no compression (default 8)")
+    p.add_argument("--schedule", default=None, metavar="NAME[:k=v,...]",
+                   help="compression schedule instead of --ratio: fixed:ratio=R, uncompressed, "
+                        "per-window:ratios=2/4/8, step-random:choices=2/4/8 (keyed by --seed), "
+                        "curriculum:name=curriculum_paper,step=S, or dynamic:ratio=8,threshold=0.1,min_frames=2"
+                        "[,max_frames=10] (windows cut at scene changes)")
+    p.add_argument("--x2l", nargs="?", const="", default=None, metavar="k=v,...",
+                   help="answer with Video-X2L: every chunk (window) compressed at a low and a high ratio, the k "
+                        "most relevant re-loaded at the low one. Options: low=2,high=32,k=3,"
+                        "oracle=attention|clip|uniform|last|random,clip_dir=DIR (CLIPModel checkpoint for the clip "
+                        "oracle),force_first=0,force_last=0,offload=0 (keep both levels in host memory),seed=0. "
+                        "With --schedule, the schedule's windows are the chunks")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
@@ -52,13 +63,16 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
 
 def answer_options(args: argparse.Namespace) -> dict:
     """`Answerer.ask_frames` keyword arguments from `add_answer_options`' flags (validated)."""
+    from vxl_jax.compress import schedules
     from vxl_jax.generate import Sampling
+    from vxl_jax.x2l.runner import X2LConfig
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    return dict(ratio=args.ratio, max_new_tokens=args.max_new_tokens,
+    return dict(ratio=args.ratio, schedule=schedules.parse(args.schedule) if args.schedule else None,
+                x2l=X2LConfig.parse(args.x2l) if args.x2l is not None else None, max_new_tokens=args.max_new_tokens,
                 decoding=Sampling(temperature=args.temperature, top_p=args.top_p), seed=args.seed)
 
 
