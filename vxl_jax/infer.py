@@ -172,7 +172,8 @@ class Answerer:
         if oracle_key not in self._oracles:
             self._oracles[oracle_key] = x2l_runner.build_oracle(x2l, self.params)
         question_ids = np.asarray(self.tokenizer(question, add_special_tokens=False)["input_ids"])
-        query = Query(question, question_ids, enc.chunk_frames[0], enc.frame_features[0], frames=raw, key=key)
+        query = Query(question, question_ids, enc.chunk_frames[0], enc.frame_features[0], frames=raw,
+                      key=jax.random.key(x2l.seed))
         scores, chosen = x2l_runner.choose(x2l, self._oracles[oracle_key], query)
         seconds["select"] = time.perf_counter() - t
         t = time.perf_counter()
