@@ -102,3 +102,18 @@ def test_infer_takes_a_schedule_and_x2l_from_the_command_line(setup, capsys):
     assert "X2L: 2 chunk(s) at ratios 2/8" in capsys.readouterr().err
     assert vxl(base + ["--schedule", "fixed:ratio=seven"]) == 1
     assert "bad value for ratio" in capsys.readouterr().err
+
+
+def test_dynamic_schedule_finds_the_scene_cuts_of_a_generated_video(setup):
+    root, _ = setup
+    answerer = Answerer.load(str(root / "hf"))
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    scenes = [np.broadcast_to(np.asarray(c, np.uint8), (n, 64, 64, 3)) for c, n in zip(colours, (4, 7, 5))]
+    frames = np.concatenate(scenes)                                    # cuts after frames 3 and 10
+    got = answerer.ask_frames(frames, QUESTION, schedule=schedules.dynamic(ratio=6, threshold=1e-4),
+                              max_new_tokens=2)
+    assert got.details["window_frames"] == [4, 7, 5] and got.details["ratios"] == [6, 6, 6]
+    # No cut deep enough: the 16 frames are split evenly into windows of at most 10 (8 + 8).
+    flat = answerer.ask_frames(frames, QUESTION, schedule=schedules.dynamic(ratio=6, threshold=10.0),
+                               max_new_tokens=2)
+    assert flat.details["window_frames"] == [8, 8]

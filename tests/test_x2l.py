@@ -177,3 +177,24 @@ def test_x2l_options_parse_and_refuse_nonsense():
         X2LConfig.parse("oracle=clip")
     with pytest.raises(ValueError, match="unknown oracle"):
         X2LConfig.parse("oracle=psychic")
+
+
+def test_clip_oracle_scores_chunks_by_text_to_frame_cosine(tmp_path):
+    from vxl_jax.conversion.clip_model import load_clip_model, write_tiny_clip
+    from vxl_jax.model import clip_dual
+
+    write_tiny_clip(str(tmp_path / "clip"), seed=1)
+    model = load_clip_model(str(tmp_path / "clip"))
+    frames = np.random.default_rng(2).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    chunks = ((0, 3), (3, 3), (6, 1))
+    query = oracles.Query("a red circle", np.zeros(1, np.int64), chunks, np.zeros((7, 4)), frames=frames)
+    oracle = runner.build_oracle(X2LConfig(oracle="clip", clip_dir=str(tmp_path / "clip")), {})
+    scores = oracle(query)
+    np.testing.assert_array_equal(scores, oracle(query))                        # deterministic
+    # By hand: cosine of the text embedding with each frame's, averaged per chunk.
+    cos = np.asarray(clip_dual.similarity(model.embed_text(["a red circle"]), model.embed_frames(frames)))[0]
+    np.testing.assert_allclose(scores, [cos[0:3].mean(), cos[3:6].mean(), cos[6]], atol=1e-6)
+    # Channels-first frames (as the prefill holds them) give the same scores.
+    first = oracles.Query("a red circle", np.zeros(1, np.int64), chunks, np.zeros((7, 4)),
+                          frames=frames.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(oracle(first), scores, atol=1e-6)

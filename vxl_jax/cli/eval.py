@@ -107,8 +107,9 @@ def _check_task_flags(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace, options: dict) -> dict:
     """The run's settings for results.json: the flags and the answer options actually passed."""
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "run"}
+    # A schedule is a function: its --schedule text is already in the flags.
     config["answer_options"] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-                                for k, v in options.items()}
+                                for k, v in options.items() if not callable(v)}
     return config
 
 
