@@ -377,8 +377,21 @@ def test_eval_niah_end_to_end(tiny):
     assert np.array(data["table"]["accuracy"]).shape == (2, 2)
     assert data["config"]["answer_options"]["ratio"] == 4 and data["config"]["answer_options"]["max_new_tokens"] == 4
     assert {r["frames"] for r in data["records"]} == {11, 21}
+    assert all(set(r["details"]["ratios"]) == {4} for r in data["records"])
     png = (tiny / "niah" / "niah_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_eval_niah_with_x2l_records_the_reloaded_chunks(tiny):
+    out = _vxl("eval", "--task", "niah", "--checkpoint", "ckpt", "--out", "niah_x2l", "--lengths", "20",
+               "--depths", "0,1", "--max-new-tokens", "2", "--x2l", "low=2,high=16,k=1", cwd=tiny)
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tiny / "niah_x2l" / "results.json").read_text())
+    assert data["config"]["answer_options"]["x2l"]["high"] == 16
+    for r in data["records"]:
+        d = r["details"]
+        assert d["chunk_frames"] == [[0, 10], [10, 10], [20, 1]] and len(d["selected"]) == 1
+        assert d["entries"]["all_high"] < d["entries"]["merged"] < d["entries"]["all_low"]
 
 
 def test_eval_mcqa_end_to_end(tiny):

@@ -149,8 +149,8 @@ def _run(args: argparse.Namespace) -> int:
 
     answerer = Answerer.load(args.checkpoint, dtype=getattr(jnp, args.dtype), progress=progress)
 
-    def answer_fn(frames, text: str) -> str:
-        return answerer.ask_frames(frames, text, **options).text
+    def answer_fn(frames, text: str):
+        return answerer.ask_frames(frames, text, **options)   # records keep its details (X2L's selection)
 
     config = _config(args, options)
     if args.task == "mcqa":

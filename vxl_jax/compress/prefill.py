@@ -4,9 +4,11 @@ One call runs a whole batch: `[prefix | visual windows | suffix]` per row, with
 the plan as arrays (`packing.pack`). The memory (`memory.Memory`) is carried
 through the scan. Per window:
 
-  1. the window's visual tokens: sliced from precomputed features, or computed
-     from its frames (CLIP -> projector -> pooling) inside the scan, so only one
-     window of frames is ever expanded (pixels can stay uint8 until then);
+  1. the window's visual tokens, from each row's window start (plan data, so
+     windows of variable length share the program): sliced from precomputed
+     features, or computed from its frames (CLIP -> projector -> pooling) inside
+     the scan, so only one window of frames is ever expanded (pixels can stay
+     uint8 until then);
   2. `lax.switch` on the window's ratio: each ratio is a branch with its own
      static length `window + ceil(window / r)`; the VSTs sit at the plan's slots
      and take the VST embedding and projections, raw rows take the features;

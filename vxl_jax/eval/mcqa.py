@@ -43,7 +43,16 @@ LETTERS = string.ascii_uppercase
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 
-AnswerFn = Callable[[np.ndarray, str], str]
+# The response text, or an object with `.text` and `.details` (an `infer.Answer`: its details, e.g. the
+# chunks Video-X2L re-loaded, are kept in the record).
+AnswerFn = Callable[[np.ndarray, str], object]
+
+
+def response_of(answer) -> tuple[str, dict]:
+    """(text, details) of an answer_fn result."""
+    if isinstance(answer, str):
+        return answer, {}
+    return answer.text, dict(getattr(answer, "details", {}) or {})
 
 
 class FormatError(ValueError):
@@ -368,6 +377,7 @@ class Record:
     correct: bool
     frames: int
     seconds: float               # answer_fn time (the video decode excluded)
+    details: dict = dataclasses.field(default_factory=dict)   # the answerer's (windows, X2L selection, sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,14 +423,14 @@ def run(questions: Sequence[Question], answer_fn: AnswerFn, video_root: str,
             last = (path, video.read(path, sampling))
         frames = last[1].frames
         t = time.perf_counter()
-        response = answer_fn(frames, prompt(q.question, q.options))
+        response, details = response_of(answer_fn(frames, prompt(q.question, q.options)))
         seconds = time.perf_counter() - t
         choice = parse_choice(response, q.options)
         correct = choice == q.answer_index
         right += correct
         records.append(Record(q.id, q.task_type, q.video, q.question, q.options, q.answer_index, q.answer_letter,
                               response, choice, None if choice is None else LETTERS[choice], correct,
-                              len(frames), seconds))
+                              len(frames), seconds, details))
         got = "unparsed" if choice is None else LETTERS[choice]
         progress(f"[{i + 1}/{len(questions)}] {q.id} ({q.task_type}): {got} (truth {q.answer_letter}) "
                  f"{'right' if correct else 'wrong'} in {seconds:.2f} s; {right}/{i + 1} right so far; "

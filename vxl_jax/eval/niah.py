@@ -169,6 +169,7 @@ class CellRecord:
     choice_letter: Optional[str]
     correct: bool
     seconds: float
+    details: dict = dataclasses.field(default_factory=dict)   # the answerer's (windows, X2L selection, sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,14 +219,14 @@ def run(answer_fn: mcqa.AnswerFn, spec: NiahSpec = NiahSpec(),
             haystacks = {cell.length: haystack_frames(spec, cell.length)}  # cells come by length: keep one
         frames, position, needle = cell_video(spec, cell, haystacks[cell.length])
         t = time.perf_counter()
-        response = answer_fn(frames, mcqa.prompt(needle.question, needle.options))
+        response, details = mcqa.response_of(answer_fn(frames, mcqa.prompt(needle.question, needle.options)))
         seconds = time.perf_counter() - t
         choice = mcqa.parse_choice(response, needle.options)
         correct = choice == needle.answer_index
         records.append(CellRecord(cell.length, cell.depth, cell.trial, position, len(frames), needle.colour,
                                   needle.shape, needle.question, needle.options, needle.answer_index,
                                   mcqa.LETTERS[needle.answer_index], response, choice,
-                                  None if choice is None else mcqa.LETTERS[choice], correct, seconds))
+                                  None if choice is None else mcqa.LETTERS[choice], correct, seconds, details))
         got = "unparsed" if choice is None else mcqa.LETTERS[choice]
         progress(f"[{i + 1}/{len(cells)}] length {cell.length}, depth {cell.depth:g} (frame {position}), "
                  f"trial {cell.trial}: {got} (truth {mcqa.LETTERS[needle.answer_index]} = {needle.colour}) "
