@@ -68,7 +68,7 @@ def run_point(args) -> dict:
     from vxl_jax.compress import prefill as prefill_lib
     from vxl_jax.compress import schedules
     from vxl_jax.config import VideoXLConfig
-    from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD
+    from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8
     from vxl_jax.model import videoxl
 
     dtype = jnp.dtype(args.dtype)
@@ -79,7 +79,7 @@ def run_point(args) -> dict:
     rng = np.random.default_rng(0)
     pixels_u8 = rng.integers(0, 256, (frames, 3, cfg.vision.image_size, cfg.vision.image_size), np.uint8)
     prompt = np.concatenate([rng.integers(11, 1000, 14), [-200], rng.integers(11, 1000, 16)])
-    mean, std = np.asarray(CLIP_MEAN) * 255.0, np.asarray(CLIP_STD) * 255.0
+    mean, std = PIXEL_NORM_U8
 
     @jax.jit
     def features(u8):

@@ -32,7 +32,7 @@ def run(args, frames: int) -> dict:
     import numpy as np
 
     from vxl_jax.config import VideoXLConfig
-    from vxl_jax.infer import PIXEL_NORM
+    from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8
     from vxl_jax.model import videoxl
     from vxl_jax.x2l import runner
     from vxl_jax.x2l.oracles import Query
@@ -45,7 +45,7 @@ def run(args, frames: int) -> dict:
     prefix, question = rng.integers(11, 1000, 14), rng.integers(11, 1000, 16)
     x2l = runner.X2LConfig(low=args.low, high=args.high, k=args.k, offload=args.offload)
 
-    encode = lambda: runner.encode_video(params, cfg, [prefix], [pixels], x2l, pixel_norm=PIXEL_NORM, dtype=dtype)
+    encode = lambda: runner.encode_video(params, cfg, [prefix], [pixels], x2l, pixel_norm=PIXEL_NORM_U8, dtype=dtype)
     encode()                                                                  # compiles
     t = time.perf_counter()
     enc = encode()

@@ -5,7 +5,6 @@ an independent Python loop, the batch against single rows, decoding against a
 teacher-forced pass, and compilations are counted.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,30 +12,22 @@ import numpy as np
 import pytest
 
 from loop_reference import prefill_loop
+from tiny_inputs import random_features as _features
+from tiny_inputs import random_prompt as _prompt
+from tiny_inputs import windowed_model
 from vxl_jax import generate as gen_lib
 from vxl_jax import pipeline
 from vxl_jax.compress import prefill as prefill_lib
 from vxl_jax.compress import schedules
 from vxl_jax.compress.plan import PlanError
 from vxl_jax.model import qwen2
-from vxl_jax.tiny import random_params, tiny_config
 
 WINDOW = 24
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = tiny_config()
-    cfg = dataclasses.replace(cfg, vst=dataclasses.replace(cfg.vst, window=WINDOW))
-    return jax.tree.map(jnp.asarray, random_params(cfg, seed=7)), cfg
-
-
-def _prompt(rng, prefix, suffix):
-    return np.concatenate([rng.integers(11, 490, prefix), [-200], rng.integers(11, 490, suffix)])
-
-
-def _features(rng, n, cfg):
-    return (0.6 * rng.standard_normal((n, cfg.llm.hidden_size))).astype(np.float32)
+    return windowed_model(WINDOW)
 
 
 def _row(result, b):

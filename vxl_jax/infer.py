@@ -23,7 +23,7 @@ import numpy as np
 from vxl_jax import pipeline
 from vxl_jax.compress import schedules
 from vxl_jax.config import VideoXLConfig
-from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD, generation_eos_ids, load_model
+from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8, generation_eos_ids, load_model
 from vxl_jax.data import preprocess, prompts, video
 from vxl_jax.generate import GREEDY, Sampling
 from vxl_jax.model import videoxl
@@ -33,7 +33,6 @@ from vxl_jax.x2l.oracles import Query
 from vxl_jax.x2l.runner import X2LConfig
 
 DEFAULT_RATIO = 8
-PIXEL_NORM = (tuple(np.asarray(CLIP_MEAN) * 255.0), tuple(np.asarray(CLIP_STD) * 255.0))  # uint8 pixels -> CLIP input
 
 
 def _silent(message: str) -> None:
@@ -138,7 +137,7 @@ class Answerer:
                                     max_new_tokens=max_new_tokens)
         result, gen = pipeline.run(self.params, self.cfg, prepared, max_new_tokens=max_new_tokens,
                                    sampling=decoding, key=key, eos_ids=self.eos,
-                                   pad_id=self.eos[0] if self.eos else 0, pixel_norm=PIXEL_NORM, dtype=self.dtype)
+                                   pad_id=self.eos[0] if self.eos else 0, pixel_norm=PIXEL_NORM_U8, dtype=self.dtype)
         n = int(jax.device_get(gen.num_tokens)[0])
         tokens = np.asarray(jax.device_get(gen.tokens))[0, :n]
         seconds["generate"] = time.perf_counter() - t
@@ -165,7 +164,7 @@ class Answerer:
                                    self.cfg.vst.window, features_fn=lambda: self.frame_means(frames))
         lengths = schedule(info, key).lengths
         enc = x2l_runner.encode_video(self.params, self.cfg, [prefix], [frames], x2l, lengths=[lengths],
-                                      pixel_norm=PIXEL_NORM, dtype=self.dtype)
+                                      pixel_norm=PIXEL_NORM_U8, dtype=self.dtype)
         seconds["encode"] = time.perf_counter() - t
         t = time.perf_counter()
         oracle_key = (x2l.oracle, x2l.clip_dir, x2l.k)
@@ -199,7 +198,7 @@ class Answerer:
 
 
 def _frame_means(params, cfg: VideoXLConfig, frames_u8, dtype):
-    pixels = videoxl.normalise_pixels(frames_u8, *PIXEL_NORM, dtype)
+    pixels = videoxl.normalise_pixels(frames_u8, *PIXEL_NORM_U8, dtype)
     return videoxl.frame_features(params, cfg, pixels, dtype=dtype).astype(jnp.float32).mean(axis=1)
 
 

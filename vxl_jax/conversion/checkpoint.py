@@ -36,6 +36,8 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# (mean, std) per channel on raw uint8 pixel values: what the prefill's `pixel_norm` takes.
+PIXEL_NORM_U8 = (tuple(m * 255 for m in CLIP_MEAN), tuple(s * 255 for s in CLIP_STD))
 
 
 def is_jax_checkpoint(path: str) -> bool:

@@ -31,7 +31,7 @@ import optax
 
 from vxl_jax.compress.packing import PrefillSpec
 from vxl_jax.config import VideoXLConfig
-from vxl_jax.conversion.checkpoint import CLIP_MEAN, CLIP_STD
+from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8
 from vxl_jax.train import optim
 from vxl_jax.train.batch import TrainInputs
 from vxl_jax.train.loss import loss_terms
@@ -53,8 +53,8 @@ class StepSettings:
     dtype: str = "float32"          # compute dtype; parameters and optimizer state stay float32
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
     remat_window: str = "none"      # per compression window (the scan body)
-    pixel_mean: tuple[float, ...] = tuple(m * 255 for m in CLIP_MEAN)   # on uint8 pixels
-    pixel_std: tuple[float, ...] = tuple(s * 255 for s in CLIP_STD)
+    pixel_mean: tuple[float, ...] = PIXEL_NORM_U8[0]   # on uint8 pixels
+    pixel_std: tuple[float, ...] = PIXEL_NORM_U8[1]
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:

@@ -28,7 +28,7 @@ import numpy as np
 from vxl_jax.compress import packing
 from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import Buckets, PlanArrays, PrefillSpec
-from vxl_jax.compress.plan import Plan, make_plan
+from vxl_jax.compress.plan import Plan, make_plan, num_windows
 from vxl_jax.compress.prefill import run_prefix, run_windows
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model.qwen2 import KVCache
@@ -119,7 +119,7 @@ def plan_levels(cfg: VideoXLConfig, prefixes: Sequence[np.ndarray], num_visual: 
     lengths = lengths or [None] * len(prefixes)
     low_plans, high_plans = [], []
     for prefix, n, lens in zip(prefixes, num_visual, lengths):
-        count = len(lens) if lens is not None else -(-n // window)
+        count = len(lens) if lens is not None else num_windows(n, window)
         low_plans.append(make_plan(len(prefix), n, 0, [low] * count, window=window, lengths=lens))
         high_plans.append(make_plan(len(prefix), n, 0, [high] * count, window=window, lengths=lens))
     empty = [np.zeros(0, np.int64)] * len(prefixes)

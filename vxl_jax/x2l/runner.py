@@ -58,7 +58,7 @@ class X2LConfig:
     @classmethod
     def parse(cls, text: str) -> "X2LConfig":
         """From `k=v,...`, e.g. `low=2,high=32,k=3,oracle=clip,clip_dir=ckpt/clip,force_first=1,offload=1`."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        fields = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             key, eq, value = item.partition("=")
