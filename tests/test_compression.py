@@ -18,6 +18,7 @@ from tiny_inputs import windowed_model
 from vxl_jax import generate as gen_lib
 from vxl_jax import pipeline
 from vxl_jax.compress import prefill as prefill_lib
+from vxl_jax.compress.memory import pre_rope_keys
 from vxl_jax.compress import schedules
 from vxl_jax.compress.plan import PlanError
 from vxl_jax.model import qwen2
@@ -30,8 +31,10 @@ def model():
     return windowed_model(WINDOW)
 
 
-def _row(result, b):
-    return result.memory.row(b)
+def _row(result, b, cfg):
+    """Row b's memory as the original keeps it: keys before RoPE."""
+    k, v = result.memory.row(b)
+    return pre_rope_keys(k, cfg.llm.rope_theta), v
 
 
 @pytest.mark.parametrize("ratios", [[3, None, 7, 5, 2], [7, 7, 7, 7, 7]], ids=["mixed", "carry"])
@@ -45,7 +48,7 @@ def test_scan_equals_a_python_loop_over_windows(model, ratios):
     plan = prepared.plans[0]
     prefix, suffix = prompt[:10], prompt[11:]
     k, v, hidden, before = prefill_loop(params, cfg, plan, prefix, feats, suffix)
-    got_k, got_v = _row(result, 0)
+    got_k, got_v = _row(result, 0, cfg)
     assert got_k.shape == k.shape == (cfg.llm.num_layers, plan.memory_after_prefill, 2, 16)
     np.testing.assert_allclose(got_k, k, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_v, v, atol=1e-5, rtol=0)
@@ -67,7 +70,7 @@ def test_batch_of_two_equals_each_alone(model):
     for b in range(2):
         alone = pipeline.run(params, cfg, pipeline.prepare(cfg, prompts[b:b + 1], feats[b:b + 1],
                                                            schedules.fixed(7), max_new_tokens=5), **kw)
-        for got, want in zip(_row(both[0], b), _row(alone[0], 0)):
+        for got, want in zip(_row(both[0], b, cfg), _row(alone[0], 0, cfg)):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         np.testing.assert_allclose(both[0].last_logits[b], alone[0].last_logits[0], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(both[1].tokens[b], alone[1].tokens[0])

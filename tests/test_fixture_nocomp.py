@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vxl_jax import golden
+from vxl_jax.compress.memory import pre_rope_keys
 from vxl_jax.model import projector, qwen2, videoxl
 
 
@@ -45,8 +46,9 @@ def test_uncompressed_forward(case):
     assert logits.shape[-1] == 513
     assert _max_diff(logits[-1:], expected["last_logits"]) < 1e-4
     assert _max_diff(logits[-16:], expected["all_logits_suffix"]) < 1e-4
-    # KV buffer [L, B, S, K, H] -> fixture layout [L, K, S, H]
-    assert _max_diff(cache.k[:, 0].transpose(0, 2, 1, 3), expected["keys"]) < 1e-4
+    # KV buffer [L, B, S, K, H], keys rotated to their slot -> the original's pre-RoPE keys [L, K, S, H]
+    keys = pre_rope_keys(cache.k[:, 0], cfg.llm.rope_theta)
+    assert _max_diff(keys.transpose(0, 2, 1, 3), expected["keys"]) < 1e-4
     assert _max_diff(cache.v[:, 0].transpose(0, 2, 1, 3), expected["values"]) < 1e-4
 
 

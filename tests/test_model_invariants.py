@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vxl_jax.model import qwen2, videoxl
+from vxl_jax.model import attention, layers, qwen2, videoxl
 from vxl_jax.tiny import random_params, tiny_config
 
 
@@ -33,8 +33,9 @@ def test_chunked_prefill_then_decode_equals_one_pass(model):
     outs, at = [], 0
     for chunk in (10, 7, 1, 1, 5):                 # two prefill chunks, two decode steps, one more chunk
         x = qwen2.embed(params["llm"], ids[:, at:at + chunk])
-        ctx = qwen2.make_context(cfg.llm, jnp.array([at]), chunk, size)
-        hidden, cache = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx)
+        ctx = qwen2.make_context(cfg.llm, jnp.array([at]), chunk)
+        hidden, kept = qwen2.decode_layers(params["llm"], cfg.llm, x, cache if at else None, ctx)
+        cache = qwen2.append(cache, kept, ctx.mem_len)
         outs.append(qwen2.logits(params["llm"], cfg.llm, hidden))
         at += chunk
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
@@ -44,7 +45,7 @@ def test_batch_rows_with_padding_equal_each_row_alone(model):
     params, cfg = model
     a, b = _ids(1, 20), _ids(2, 13)
     batch = jnp.concatenate([a, jnp.pad(b, ((0, 0), (0, 7)))], axis=0)
-    logits = _full_logits(params, cfg, batch, lengths=jnp.array([20, 13]))
+    logits = _full_logits(params, cfg, batch)                     # right padding: causality hides it
     np.testing.assert_allclose(logits[0], _full_logits(params, cfg, a)[0], atol=1e-5)
     np.testing.assert_allclose(logits[1, :13], _full_logits(params, cfg, b)[0], atol=1e-5)
 
@@ -58,15 +59,22 @@ def test_visual_rows_take_features_in_order(model):
     np.testing.assert_array_equal(x[0, [0, 1, 8]], params["llm"]["embed_tokens"][jnp.array([3, 4, 5])])
 
 
-def test_vst_rows_use_the_vst_projections(model):
+def test_vst_rows_use_the_vst_projections_and_only_vsts_are_kept(model):
     params, cfg = model
     x = jax.random.normal(jax.random.key(1), (1, 4, cfg.llm.hidden_size))
-    is_vst = jnp.array([[False, True, False, True]])
-    run = lambda vst: qwen2.decode_layers(params["llm"], cfg.llm, x, qwen2.KVCache.zeros(cfg.llm, 1, 4),
-                                          qwen2.make_context(cfg.llm, jnp.zeros(1, jnp.int32), 4, 4, is_vst=vst))[1]
-    plain, with_vst = run(None), run(is_vst)
-    np.testing.assert_array_equal(plain.k[0, 0, 0], with_vst.k[0, 0, 0])      # row 0: ordinary projections
-    assert float(jnp.abs(plain.k[0, 0, 1] - with_vst.k[0, 0, 1]).max()) > 1e-2  # row 1: VST projections
+    plain = qwen2.make_context(cfg.llm, jnp.zeros(1, jnp.int32), 4)
+    with_vst = qwen2.make_context(cfg.llm, jnp.zeros(1, jnp.int32), 4, vst_slots=jnp.array([[1, 3]]))
+    run = lambda ctx: qwen2.decode_layers(params["llm"], cfg.llm, x, None, ctx)
+    (h0, all_kept), (h1, vst_kept) = run(plain), run(with_vst)
+    assert all_kept.k.shape[2] == 4 and vst_kept.k.shape[2] == 2
+    np.testing.assert_array_equal(h0[0, 0], h1[0, 0])                        # row 0 sees no VST: unchanged
+    assert float(jnp.abs(h0[0, 1] - h1[0, 1]).max()) > 1e-2                  # row 1: VST projections
+    # Layer 0's VST keys: the VST k projection of the row, rotated to the slots they are kept in (0, 1).
+    layer0 = jax.tree.map(lambda p: p[0], params["llm"]["layers"])
+    normed = layers.RMSNorm(cfg.llm.rms_norm_eps).apply({"params": layer0["input_norm"]}, x)
+    k_vst = jnp.einsum("BTD,DKH->BTKH", normed, layer0["vst_k_proj"]["kernel"]) + layer0["vst_k_proj"]["bias"]
+    want = layers.rotate(k_vst[:, jnp.array([1, 3])], jnp.array([[0, 1]]), cfg.llm.rope_theta)
+    np.testing.assert_allclose(vst_kept.k[0], want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -82,20 +90,38 @@ def test_remat_changes_nothing(model, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
-def test_blocked_attention_equals_dense_attention_values_and_gradients():
-    from vxl_jax.model.layers import attention, dense_attention
+@pytest.mark.parametrize("backend", ["xla", "jax"])
+@pytest.mark.parametrize("block", [16, 512])
+def test_attention_backends_equal_dense_attention_values_and_gradients(backend, block):
+    """Memory half (per-row lengths, one row empty, a partial last block) + causal half, values and gradients."""
     rng = np.random.default_rng(0)
-    b, t, s, n, k, h = 2, 70, 150, 4, 2, 8
-    q, key, val = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                   for shape in ((b, t, n, h), (b, s, k, h), (b, s, k, h)))
-    offset = jnp.array([40, 75])[:, None, None]                 # causal window after a memory, per row
-    mask = jnp.arange(s)[None, None, :] <= offset + jnp.arange(t)[None, :, None]
-    mask = mask.at[1, 5].set(False)                              # a query that sees nothing -> zeros
-    blocked = lambda *a: attention(*a, block=32)                 # 3 query blocks x 5 key blocks, some skipped
-    np.testing.assert_allclose(blocked(q, key, val, mask), dense_attention(q, key, val, mask), atol=1e-6, rtol=0)
-    assert not np.any(np.asarray(blocked(q, key, val, mask))[1, 5])
-    loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask))))
-    for g_blocked, g_dense in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, key, val),
-                                  jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, key, val)):
-        assert np.all(np.isfinite(np.asarray(g_blocked)))
-        np.testing.assert_allclose(g_blocked, g_dense, atol=1e-5, rtol=0)
+    b, t, s, n, k, h = 3, 70, 150, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    key, val = (jnp.asarray(rng.standard_normal((b, t, k, h)), jnp.float32) for _ in range(2))
+    mem_k, mem_v = (jnp.asarray(rng.standard_normal((b, s, k, h)), jnp.float32) for _ in range(2))
+    mem_len = jnp.array([40, 0, 150])
+    run = lambda be: (lambda *a: attention.attend(*a, mem_len, backend=be, block=block))
+    want = run("dense")(q, key, val, mem_k, mem_v)
+    # The dense reference itself: one softmax over [memory < mem_len | causal self].
+    full_k, full_v = jnp.concatenate([mem_k, key], 1), jnp.concatenate([mem_v, val], 1)
+    mask = jnp.concatenate([jnp.broadcast_to(jnp.arange(s)[None, None] < mem_len[:, None, None], (b, t, s)),
+                            jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))], -1)
+    np.testing.assert_allclose(want, attention.dense_attention(q, full_k, full_v, mask), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(run(backend)(q, key, val, mem_k, mem_v), want, atol=1e-5, rtol=0)
+    loss = lambda be: (lambda *a: jnp.sum(jnp.sin(run(be)(*a))))
+    args = (q, key, val, mem_k, mem_v)
+    for got, ref in zip(jax.grad(loss(backend), argnums=range(5))(*args), jax.grad(loss("dense"), argnums=range(5))(*args)):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # Memory entries past a row's length get no gradient.
+    d_mem_k = jax.grad(loss(backend), argnums=3)(*args)
+    assert not np.any(np.asarray(d_mem_k)[0, 40:]) and not np.any(np.asarray(d_mem_k)[1])
+
+
+def test_attention_without_memory_is_causal_self_attention():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 9, 4, 8)), jnp.float32)
+    key, val = (jnp.asarray(rng.standard_normal((2, 9, 2, 8)), jnp.float32) for _ in range(2))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((9, 9), bool)), (2, 9, 9))
+    want = attention.dense_attention(q, key, val, causal)
+    for backend in ("xla", "jax", "dense"):
+        np.testing.assert_allclose(attention.attend(q, key, val, backend=backend, block=4), want, atol=1e-6, rtol=0)

@@ -10,6 +10,7 @@ import pytest
 from vxl_jax import pipeline
 from vxl_jax.compress import schedules
 from vxl_jax.tiny import random_params, tiny_config
+from vxl_jax.compress.memory import pre_rope_keys
 from vxl_jax.x2l import bilevel, merge, oracles, runner
 from vxl_jax.x2l.runner import X2LConfig
 
@@ -84,17 +85,22 @@ def test_merged_memory_is_compact_ordered_and_the_same_from_host(model, encoded)
     np.testing.assert_array_equal(index, np.concatenate([np.arange(a, b) for a, b, _ in spans]))
     np.testing.assert_array_equal(level, np.concatenate([np.full(b - a, lv) for a, b, lv in spans]))
 
-    on_device = merge.merge_on_device(encoded, selected, 64)
+    on_device = merge.merge_on_device(encoded, selected, 64, cfg.llm.rope_theta)
     host = encoded.offload()
     assert host.device is None
-    from_host = merge.merge_from_host(host, selected, 64)
+    from_host = merge.merge_from_host(host, selected, 64, cfg.llm.rope_theta)
     n = len(level)
     assert int(on_device.length[0]) == int(from_host.length[0]) == n
     np.testing.assert_array_equal(np.asarray(on_device.cache.k)[:, 0, :n], np.asarray(from_host.cache.k)[:, 0, :n])
     np.testing.assert_array_equal(np.asarray(on_device.cache.v)[:, 0, :n], np.asarray(from_host.cache.v)[:, 0, :n])
-    # Entry for entry: the L memory's chunk 1 sits right after the prefix and H chunk 0.
-    low_k = np.asarray(encoded.device.low.cache.k)[:, 0]
-    np.testing.assert_array_equal(np.asarray(on_device.cache.k)[:, 0, 12:24], low_k[:, 21:33])
+    # Entry for entry: the L memory's chunk 1 sits right after the prefix and H chunk 0, its keys
+    # re-rotated from slots 21..32 to 12..23 (equal before RoPE).
+    low_v = np.asarray(encoded.device.low.cache.v)[:, 0]
+    np.testing.assert_array_equal(np.asarray(on_device.cache.v)[:, 0, 12:24], low_v[:, 21:33])
+    theta = cfg.llm.rope_theta
+    low_k = pre_rope_keys(np.asarray(encoded.device.low.cache.k)[:, 0, :33], theta)
+    merged_k = pre_rope_keys(np.asarray(on_device.cache.k)[:, 0, :24], theta)
+    np.testing.assert_allclose(merged_k[:, 12:24], low_k[:, 21:33], atol=1e-5, rtol=0)
 
 
 def test_answers_from_host_memory_equal_answers_from_device_memory(model, video, encoded):

@@ -3,7 +3,7 @@
 The loop is a `lax.while_loop` on the device: each iteration picks a token per
 row from the current logits, then (unless every row is done or the budget is
 spent) runs one single-token step that writes the token's keys/values at the
-row's memory length and attends over `[0, length]` with compact positions.
+row's memory length and attends over the memory and itself, compact positions.
 Rows stop independently on an eos id; their later tokens are `pad_id`.
 
 Axis legend: B batch, N new tokens, V vocabulary.
@@ -78,8 +78,9 @@ def decode_step(params: dict, cfg: VideoXLConfig, memory: Memory, tokens: jax.Ar
                 dtype=jnp.float32) -> tuple[jax.Array, Memory]:
     """One token per row [B] -> its logits [B, V] and the memory with its keys/values appended."""
     x = qwen2.embed(params["llm"], tokens[:, None], dtype)
-    ctx = qwen2.make_context(cfg.llm, memory.length, 1, memory.size)
-    hidden, cache = qwen2.decode_layers(params["llm"], cfg.llm, x, memory.cache, ctx, dtype=dtype)
+    ctx = qwen2.make_context(cfg.llm, memory.length, 1)
+    hidden, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, memory.cache, ctx, dtype=dtype)
+    cache = qwen2.append(memory.cache, entries, memory.length)
     return qwen2.logits(params["llm"], cfg.llm, hidden[:, 0]), Memory(cache, memory.length + 1)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vxl_jax.compress import schedules
+from vxl_jax.compress.memory import pre_rope_keys
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion.checkpoint import generation_eos_ids, read_hf
 from vxl_jax.model import projector, qwen2, videoxl
@@ -113,7 +114,8 @@ def run_case(case_dir, ckpt_dir, *, stream_frames: bool = False,
     n_suffix = len(suffix)
     suffix_logits = qwen2.logits(params["llm"], cfg.llm, result.suffix_hidden[0, :n_suffix])
     ours["last_logits"] = result.last_logits
-    k, v = result.memory.row(0)                                       # [L, S, K, H]
+    k, v = result.memory.row(0)                                       # [L, S, K, H], keys rotated
+    k = pre_rope_keys(k, cfg.llm.rope_theta)                          # the original caches keys before RoPE
     to_fixture = lambda x: x.transpose(0, 2, 1, 3)                    # -> [L, K, S, H]
     kept_total = int(result.memory.length[0]) - len(prefix) - n_suffix
 

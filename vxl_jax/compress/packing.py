@@ -156,8 +156,8 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
                       "suffix tokens")
     spec0 = PrefillSpec(branch_set, window_size, 0)
     worst_kept = max([0] + [spec0.max_kept(r) for r in branch_set])
-    worst_fed = max([0] + [spec0.fed_length(r) for r in branch_set])
-    buffer = p_len + n_win * worst_kept + max(worst_fed, s_len + max_new_tokens)
+    # A window's own tokens never enter the buffer: only what it keeps is written after the memory.
+    buffer = p_len + n_win * worst_kept + s_len + max_new_tokens
     spec = PrefillSpec(branch_set, window_size, buffer)
 
     batch = len(plans)

@@ -12,11 +12,13 @@ through the scan. Per window:
   2. `lax.switch` on the window's ratio: each ratio is a branch with its own
      static length `window + ceil(window / r)`; the VSTs sit at the plan's slots
      and take the VST embedding and projections, raw rows take the features;
-  3. all layers run over the fed tokens written at the row's memory length,
-     attending causally over `[memory | window]` with compact positions;
-  4. only the VST entries are kept: gathered down to the memory's end, the
-     length advances by the row's VST count. An uncompressed window (ratio None)
-     keeps its raw entries as they are. A window index past every row's video is
+  3. all layers run over the fed tokens, each query seeing the whole memory and
+     the window causally, with compact positions (`attention.attend`);
+  4. only the VST entries are kept: each layer projects just the VST rows with
+     the VST q/k/v and returns their keys rotated to the positions they take
+     after the memory, written there; the length advances by the row's VST
+     count. The window's raw entries never enter the buffer. An uncompressed
+     window (ratio None) keeps its raw entries. A window index past every row's video is
      the no-op branch; a row whose video ended earlier runs with zero counts and
      keeps nothing.
 
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from vxl_jax import parallel
-from vxl_jax.compress.memory import Memory, keep_rows
+from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import PlanArrays, PrefillSpec
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import qwen2, videoxl
@@ -80,7 +82,7 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
 
     def step(cache, length, feats, kept, slots):
         b = length.shape[0]
-        x, is_vst = feats, None                               # ratio None: the raw tokens as they are
+        x, ctx = feats, qwen2.make_context(cfg.llm, length, fed)   # ratio None: the raw tokens as they are
         if ratio is not None:
             t = jnp.arange(fed, dtype=jnp.int32)
             slots = slots[:, :n_vst]
@@ -91,11 +93,9 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
             raw_rows = jnp.take_along_axis(feats, raw_idx[..., None], axis=1)
             vst_row = params["llm"]["vst_embed"][0].astype(feats.dtype)
             x = jnp.where(is_vst[..., None], vst_row, raw_rows)
-        ctx = qwen2.make_context(cfg.llm, length, fed, spec.buffer_size, is_vst=is_vst)
-        _, cache = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
-        if ratio is not None:
-            cache = keep_rows(cache, length, slots)
-        return cache, length + kept
+            ctx = qwen2.make_context(cfg.llm, length, fed, vst_slots=slots, vst_valid=valid)
+        _, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
+        return qwen2.append(cache, entries, length), length + kept
 
     return step
 
@@ -106,8 +106,9 @@ def run_prefix(params: dict, cfg: VideoXLConfig, plan: PlanArrays, buffer_size: 
     llm, lcfg = params["llm"], cfg.llm
     memory = Memory.empty(lcfg, plan.prefix_ids.shape[0], buffer_size, dtype)
     x = qwen2.embed(llm, plan.prefix_ids, dtype)
-    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], buffer_size)
-    hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1])
+    hidden, entries = qwen2.decode_layers(llm, lcfg, x, None, ctx, remat=remat, dtype=dtype)
+    cache = qwen2.append(memory.cache, entries, memory.length)
     return hidden, Memory(cache, plan.prefix_len.astype(jnp.int32))   # padding past prefix_len is scratch
 
 
@@ -165,8 +166,9 @@ def run_text(params: dict, cfg: VideoXLConfig, memory: Memory, ids: jax.Array, l
     """
     llm, lcfg = params["llm"], cfg.llm
     x = qwen2.embed(llm, ids, dtype)
-    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1], memory.size)
-    hidden, cache = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    ctx = qwen2.make_context(lcfg, memory.length, x.shape[1])
+    hidden, entries = qwen2.decode_layers(llm, lcfg, x, memory.cache, ctx, remat=remat, dtype=dtype)
+    cache = qwen2.append(memory.cache, entries, memory.length)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     return hidden, Memory(cache, memory.length + lengths.astype(jnp.int32)), qwen2.logits(llm, lcfg, last)
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vxl_jax.config import ClipVisionConfig
-from vxl_jax.model.layers import dense_attention
+from vxl_jax.model.attention import dense_attention
 
 
 def quick_gelu(x):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from vxl_jax.config import ConfigError
 from vxl_jax.model.clip import _ACTIVATIONS
-from vxl_jax.model.layers import dense_attention
+from vxl_jax.model.attention import dense_attention
 
 # HF CLIPTextConfig name -> ours.
 _TEXT_FIELDS = {

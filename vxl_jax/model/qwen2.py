@@ -10,13 +10,18 @@ Pure functions of a params pytree:
     "lm_head":      [D, V],              # absent when tie_word_embeddings
   }
 
-Attention always works on a preallocated KV buffer of pre-RoPE keys/values
-([L, B, S, K, H]): the step's keys/values are written at a per-row offset, RoPE
-is applied to queries and to the whole buffer with explicit positions, and a
-boolean mask says which buffer entries each query sees. A plain forward, a
-prefill chunk and a decode step are the same call with different buffers.
+Every call is one *step*: T new tokens after a kept memory. The memory is a
+preallocated buffer of rotated keys and values ([L, B, S, K, H]; RoPE applied
+once, when an entry is made, at its compact position = its buffer index) whose
+entries [0, mem_len[b]) the step's queries all see; the step's own tokens see
+each other causally (`attention.attend`). A layer returns the entries the step
+keeps: all of its tokens (prefix, text, a decode token, an uncompressed window)
+or only its VSTs, rotated to the positions they take when kept (mem_len + j);
+`decode_layers` writes them into the buffer at mem_len. A plain forward, a
+prefill chunk, a compressed window and a decode step are the same call with
+different contexts.
 
-Axis legend: see vxl_jax/model/layers.py (B T S D N K G H F V L).
+Axis legend: see vxl_jax/model/layers.py (B T S D N K G H F V L); M kept VST rows.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import jax.numpy as jnp
 
 from vxl_jax import parallel
 from vxl_jax.config import Qwen2Config
-from vxl_jax.model.layers import RMSNorm, apply_rope, attention, rope_tables, write_rows
+from vxl_jax.model.attention import attend
+from vxl_jax.model.layers import RMSNorm, apply_rope, rope_tables, write_rows
 
 REMAT_POLICIES = {
     "none": None,
@@ -43,7 +49,7 @@ REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class KVCache:
-    """Pre-RoPE keys and values of every layer: k, v [L, B, S, K, H]."""
+    """Rotated keys and values of every layer: k, v [L, B, S, K, H] (entry i rotated to position i)."""
 
     k: jax.Array
     v: jax.Array
@@ -59,47 +65,51 @@ class KVCache:
 
 
 @flax.struct.dataclass
-class AttnContext:
-    """What every layer of one step shares: where to write, positions, mask, VST rows.
+class StepContext:
+    """What every layer of one step shares.
 
-    write_at [B]: buffer offset of the step's first token per row.
-    rope_q: (cos, sin) [B, T, H] for the queries; rope_k: (cos, sin) [B, S, H] for the buffer.
-    mask [B, T, S]: True where a query may attend a buffer entry.
-    is_vst [B, T] or None: rows that use the VST q/k/v projections.
+    mem_len [B]: memory entries the step's queries see (buffer [0, mem_len)); the
+      step's entries are written there.
+    rope: (cos, sin) [B, T, H] at the step's positions (mem_len + t, compact).
+    vst_slots [B, M] or None: the step's rows that are VSTs (they take the VST
+      q/k/v projections; only these rows are projected with them). Slots of
+      invalid VSTs (vst_valid [B, M] False) are ordinary rows.
+    keep_rope: (cos, sin) [B, M, H]: the positions the VST entries take when kept
+      (mem_len + j). With VSTs the step keeps only them; without, all its entries.
     """
 
-    write_at: jax.Array
-    rope_q: tuple[jax.Array, jax.Array]
-    rope_k: tuple[jax.Array, jax.Array]
-    mask: jax.Array
-    is_vst: Optional[jax.Array] = None
+    mem_len: jax.Array
+    rope: tuple[jax.Array, jax.Array]
+    vst_slots: Optional[jax.Array] = None
+    vst_valid: Optional[jax.Array] = None
+    keep_rope: Optional[tuple[jax.Array, jax.Array]] = None
 
 
-def make_context(cfg: Qwen2Config, write_at: jax.Array, num_new: int, buffer_size: int, *,
-                 key_len: Optional[jax.Array] = None, is_vst: Optional[jax.Array] = None,
-                 q_positions: Optional[jax.Array] = None, k_positions: Optional[jax.Array] = None,
-                 mask: Optional[jax.Array] = None) -> AttnContext:
-    """Context for `num_new` tokens written at `write_at` [B] into a buffer of `buffer_size`.
+def make_context(cfg: Qwen2Config, mem_len: jax.Array, num_new: int, *, vst_slots: Optional[jax.Array] = None,
+                 vst_valid: Optional[jax.Array] = None) -> StepContext:
+    """Context for `num_new` tokens after `mem_len` [B] memory entries, compact positions."""
+    mem_len = jnp.asarray(mem_len, jnp.int32)
+    positions = mem_len[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    if vst_slots is None:
+        return StepContext(mem_len=mem_len, rope=rope)
+    vst_slots = jnp.asarray(vst_slots, jnp.int32)
+    if vst_valid is None:
+        vst_valid = jnp.ones(vst_slots.shape, bool)
+    kept_at = mem_len[:, None] + jnp.arange(vst_slots.shape[1], dtype=jnp.int32)[None, :]
+    return StepContext(mem_len=mem_len, rope=rope, vst_slots=vst_slots, vst_valid=vst_valid,
+                       keep_rope=rope_tables(kept_at, cfg.head_dim, cfg.rope_theta))
 
-    By default positions are compact: a buffer entry's position is its index
-    (valid entries are a prefix of the buffer), and the mask is causal over the
-    buffer and hides entries at or beyond `key_len` [B] (default: everything up
-    to the step's last token). Explicit positions or mask override that.
-    """
-    write_at = jnp.asarray(write_at, jnp.int32)
-    if q_positions is None:
-        q_positions = write_at[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
-    if k_positions is None:
-        k_positions = jnp.broadcast_to(jnp.arange(buffer_size, dtype=jnp.int32), (write_at.shape[0], buffer_size))
-    if mask is None:
-        idx = jnp.arange(buffer_size, dtype=jnp.int32)
-        q_idx = write_at[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
-        mask = idx[None, None, :] <= q_idx[:, :, None]
-        if key_len is not None:
-            mask = mask & (idx[None, None, :] < jnp.asarray(key_len, jnp.int32)[:, None, None])
-    rope_q = rope_tables(q_positions, cfg.head_dim, cfg.rope_theta)
-    rope_k = rope_tables(k_positions, cfg.head_dim, cfg.rope_theta)
-    return AttnContext(write_at=write_at, rope_q=rope_q, rope_k=rope_k, mask=mask, is_vst=is_vst)
+
+def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, T, ...] at index [B, M] -> [B, M, ...]."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _set_rows(x: jax.Array, index: jax.Array, valid: jax.Array, rows: jax.Array) -> jax.Array:
+    """x [B, T, ...] with rows [B, M, ...] written at index [B, M] where valid."""
+    b = jnp.arange(x.shape[0])[:, None]
+    return x.at[b, jnp.where(valid, index, x.shape[1])].set(rows.astype(x.dtype), mode="drop")
 
 
 class DecoderLayer(nn.Module):
@@ -114,30 +124,33 @@ class DecoderLayer(nn.Module):
                                param_dtype=self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, cache_k, cache_v, ctx: AttnContext):
+    def __call__(self, x, mem_k, mem_v, ctx: StepContext):
+        """x [B, T, D], this layer's memory mem_k/mem_v [B, S, K, H] -> (x, kept keys, kept values)."""
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_norm")(x)
         q = self._proj(cfg.num_heads, "q_proj")(h)          # [B, T, N, H]
         k = self._proj(cfg.num_kv_heads, "k_proj")(h)       # [B, T, K, H]
         v = self._proj(cfg.num_kv_heads, "v_proj")(h)
-        vst_q = self._proj(cfg.num_heads, "vst_q_proj")
-        vst_k = self._proj(cfg.num_kv_heads, "vst_k_proj")
-        vst_v = self._proj(cfg.num_kv_heads, "vst_v_proj")
-        if ctx.is_vst is not None or self.is_initializing():
-            sel = (ctx.is_vst if ctx.is_vst is not None else jnp.zeros(x.shape[:2], bool))[..., None, None]
-            q = jnp.where(sel, vst_q(h), q)
-            k = jnp.where(sel, vst_k(h), k)
-            v = jnp.where(sel, vst_v(h), v)
-        cache_k = write_rows(cache_k, k, ctx.write_at)
-        cache_v = write_rows(cache_v, v, ctx.write_at)
-        q = apply_rope(q, *ctx.rope_q)
-        keys = apply_rope(cache_k.astype(self.dtype), *ctx.rope_k)
-        out = attention(q, keys, cache_v.astype(self.dtype), ctx.mask)
+        vst = [self._proj(n, f"vst_{p}_proj") for n, p in ((cfg.num_heads, "q"), (cfg.num_kv_heads, "k"),
+                                                            (cfg.num_kv_heads, "v"))]
+        if self.is_initializing():
+            for proj in vst:
+                proj(h[:, :1])
+        vst_k = vst_v = None
+        if ctx.vst_slots is not None:
+            hv = _rows(h, ctx.vst_slots)                     # [B, M, D]: only the VST rows
+            vst_q, vst_k, vst_v = (proj(hv) for proj in vst)
+            q, k, v = (_set_rows(a, ctx.vst_slots, ctx.vst_valid, r) for a, r in ((q, vst_q), (k, vst_k), (v, vst_v)))
+        q = apply_rope(q, *ctx.rope)
+        k = apply_rope(k, *ctx.rope)
+        out = attend(q, k, v, mem_k, mem_v, ctx.mem_len, backend=cfg.attention)
         x = x + nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="o_proj")(out)
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_norm")(x)
         x = x + Mlp(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(h)
-        return x, cache_k, cache_v
+        if vst_k is not None:                               # keep the VSTs, at their compacted positions
+            return x, apply_rope(vst_k, *ctx.keep_rope), vst_v
+        return x, k, v
 
 
 class Mlp(nn.Module):
@@ -160,8 +173,8 @@ def init_params(cfg: Qwen2Config, key: jax.Array, param_dtype=jnp.float32) -> di
     k_layers, k_embed, k_vst, k_head = jax.random.split(key, 4)
     layer = DecoderLayer(cfg, param_dtype=param_dtype)
     x = jnp.zeros((1, 1, cfg.hidden_size), param_dtype)
-    kv = jnp.zeros((1, 1, cfg.num_kv_heads, cfg.head_dim), param_dtype)
-    ctx = make_context(cfg, jnp.zeros((1,), jnp.int32), 1, 1)
+    kv = jnp.zeros((1, 0, cfg.num_kv_heads, cfg.head_dim), param_dtype)
+    ctx = make_context(cfg, jnp.zeros((1,), jnp.int32), 1)
     init_one = lambda k: layer.init(k, x, kv, kv, ctx)["params"]
     params = {
         "embed_tokens": jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), param_dtype),
@@ -181,24 +194,35 @@ def embed(params: dict, ids: jax.Array, dtype=None) -> jax.Array:
     return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
 
 
-def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, cache: KVCache, ctx: AttnContext, *,
+def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, memory: Optional[KVCache], ctx: StepContext, *,
                   remat: str = "none", dtype=None) -> tuple[jax.Array, KVCache]:
-    """Runs all layers on x [B, T, D]; returns the final-normed hidden states and the new buffer."""
+    """Runs all layers on x [B, T, D] after `memory` (None: nothing before the step).
+
+    Returns the final-normed hidden states and the step's kept entries
+    [L, B, T or M, K, H] (write them with `append(buffer, entries, ctx.mem_len)`).
+    """
     dtype = dtype or x.dtype
     layer = DecoderLayer(cfg, dtype=dtype, param_dtype=params["embed_tokens"].dtype)
 
     def body(h, xs):
-        p, ck, cv = xs
-        h, ck, cv = layer.apply({"params": p}, h, ck, cv, ctx)
+        p, mk, mv = xs
+        h, k, v = layer.apply({"params": p}, h, mk, mv, ctx)
         # Block boundary: rows stay on their data-parallel devices, the width whole (RULES).
-        return parallel.constrain(h, ("batch", "seq", "act_embed")), (ck, cv)
+        return parallel.constrain(h, ("batch", "seq", "act_embed")), (k, v)
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, (k, v) = jax.lax.scan(body, x.astype(dtype), (params["layers"], cache.k, cache.v))
+    mem = (memory.k, memory.v) if memory is not None else (None, None)
+    x, (k, v) = jax.lax.scan(body, x.astype(dtype), (params["layers"], *mem))
     h = RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, x)
     return h, KVCache(k, v)
+
+
+def append(cache: KVCache, entries: KVCache, at: jax.Array) -> KVCache:
+    """cache [L, B, S, K, H] with entries [L, B, M, K, H] written at per-row offsets at [B]."""
+    write = jax.vmap(write_rows, in_axes=(0, 0, None))
+    return KVCache(write(cache.k, entries.k, at), write(cache.v, entries.v, at))
 
 
 def logits(params: dict, cfg: Qwen2Config, h: jax.Array) -> jax.Array:

@@ -86,23 +86,23 @@ def embed_inputs(params: dict, input_ids: jax.Array, visual_mask: Optional[jax.A
 
 
 def forward(params: dict, cfg: VideoXLConfig, input_ids: jax.Array, *, visual_mask: Optional[jax.Array] = None,
-            features: Optional[jax.Array] = None, lengths: Optional[jax.Array] = None,
-            cache_size: Optional[int] = None, remat: str = "none",
+            features: Optional[jax.Array] = None, cache_size: Optional[int] = None, remat: str = "none",
             dtype=None) -> tuple[jax.Array, qwen2.KVCache]:
     """Plain causal forward over all tokens, no compression.
 
-    input_ids [B, T]; visual_mask [B, T] marks rows that take features [B, M, D];
-    lengths [B] hides right padding. Returns final-normed hidden states [B, T, D]
-    (logits via `qwen2.logits`) and the pre-RoPE KV buffer of size `cache_size`
-    (default T), so decoding can continue from it.
+    input_ids [B, T]; visual_mask [B, T] marks rows that take features [B, M, D].
+    Right padding needs no mask: causality keeps it out of the rows before it.
+    Returns final-normed hidden states [B, T, D] (logits via `qwen2.logits`) and
+    the KV buffer (rotated keys) of size `cache_size` (default T), so decoding
+    can continue from it.
     """
     b, t = input_ids.shape
     x = embed_inputs(params, input_ids, visual_mask, features, dtype)
-    size = cache_size or t
-    cache = qwen2.KVCache.zeros(cfg.llm, b, size, x.dtype)
-    ctx = qwen2.make_context(cfg.llm, jnp.zeros((b,), jnp.int32), t, size,
-                             key_len=lengths if lengths is not None else jnp.full((b,), t, jnp.int32))
-    return qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
+    start = jnp.zeros((b,), jnp.int32)
+    ctx = qwen2.make_context(cfg.llm, start, t)
+    hidden, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, None, ctx, remat=remat, dtype=x.dtype)
+    cache = qwen2.KVCache.zeros(cfg.llm, b, cache_size or t, x.dtype)
+    return hidden, qwen2.append(cache, entries, start)
 
 
 def split_prompt(input_ids) -> tuple[np.ndarray, np.ndarray]:

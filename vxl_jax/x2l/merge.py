@@ -2,9 +2,9 @@
 
 The merged memory of a row is `[prefix | chunk 0 | chunk 1 | ...]`, each chunk
 taken from the L memory if selected and from the H memory otherwise, in
-temporal order. Keys are stored before RoPE and positions are the buffer
-indices, so concatenating is the whole re-numbering: the merged entries get
-positions 0..n-1 with no gaps.
+temporal order. Positions are the buffer indices and keys are stored rotated to
+them, so re-numbering is one rotation per moved key by its shift (new slot -
+old slot): the merged entries get positions 0..n-1 with no gaps.
 
 Two ways to build it, equal entry for entry: `merge_on_device` gathers from
 both memories on the accelerator; `merge_from_host` assembles the selected
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vxl_jax.compress.memory import Memory
+from vxl_jax.compress.memory import Memory, shift_keys
 from vxl_jax.model.qwen2 import KVCache
 from vxl_jax.x2l.bilevel import Encoding
 
@@ -69,18 +69,25 @@ def _gather(low: KVCache, high: KVCache, level: jax.Array, index: jax.Array) -> 
 
 
 _gather_jit = jax.jit(_gather)
+_shift_jit = jax.jit(shift_keys, static_argnames=("theta",))
 
 
-def merge_on_device(enc: Encoding, selected: Sequence[Sequence[bool]], size: int) -> Memory:
+def _renumbered(cache: KVCache, index: np.ndarray, theta: float) -> KVCache:
+    """Keys rotated from their source slot `index` [B, M] to their merged slot (both merges run this program)."""
+    shift = np.arange(index.shape[1], dtype=np.int32)[None, :] - index
+    return KVCache(_shift_jit(cache.k, jnp.asarray(shift), theta=theta), cache.v)
+
+
+def merge_on_device(enc: Encoding, selected: Sequence[Sequence[bool]], size: int, rope_theta: float) -> Memory:
     """The merged memory [L, B, size, K, H] gathered from both device memories."""
     if enc.device is None:
         raise ValueError("this encoding lives in host memory: use merge_from_host")
     level, index, length = _padded(sources(enc, selected), size)
     cache = _gather_jit(enc.device.low.cache, enc.device.high.cache, jnp.asarray(level), jnp.asarray(index))
-    return Memory(cache, jnp.asarray(length))
+    return Memory(_renumbered(cache, index, rope_theta), jnp.asarray(length))
 
 
-def merge_from_host(enc: Encoding, selected: Sequence[Sequence[bool]], size: int) -> Memory:
+def merge_from_host(enc: Encoding, selected: Sequence[Sequence[bool]], size: int, rope_theta: float) -> Memory:
     """The merged memory assembled from host copies; only the selected entries are moved to the device."""
     if enc.host_low is None:
         raise ValueError("this encoding lives on the device: call Encoding.offload() first, or merge_on_device")
@@ -97,4 +104,5 @@ def merge_from_host(enc: Encoding, selected: Sequence[Sequence[bool]], size: int
         is_low = lv == LOW
         k[:, b, :n][:, is_low], v[:, b, :n][:, is_low] = low_k[:, ix[is_low]], low_v[:, ix[is_low]]
         k[:, b, :n][:, ~is_low], v[:, b, :n][:, ~is_low] = high_k[:, ix[~is_low]], high_v[:, ix[~is_low]]
-    return Memory(KVCache(jnp.asarray(k), jnp.asarray(v)), jnp.asarray(length))
+    cache = KVCache(jnp.asarray(k), jnp.asarray(v))
+    return Memory(_renumbered(cache, index, rope_theta), jnp.asarray(length))

@@ -155,7 +155,7 @@ def answer(params: dict, cfg: VideoXLConfig, enc: Encoding, selected: Sequence[S
     lengths = np.asarray([len(s) for s in suffixes], np.int32)
 
     t0 = time.perf_counter()
-    merged = (merge.merge_on_device if enc.device is not None else merge.merge_from_host)(enc, selected, size)
+    merged = (merge.merge_on_device if enc.device is not None else merge.merge_from_host)(enc, selected, size, cfg.llm.rope_theta)
     memory, logits, first = _text_jit(params, cfg, merged, jnp.asarray(ids), jnp.asarray(lengths), dtype)
     jax.block_until_ready(first)
     ttft = time.perf_counter() - t0

@@ -1,0 +1,281 @@
+"""Attention of one LLM step: its queries over [kept memory | the step's own tokens].
+
+Every step of the LLM (the prefix, a compressed window, the suffix text, one
+decode token) has the same shape: T new tokens whose queries see
+
+  * the kept memory: entries [0, mem_len[b]) of a buffer [B, S, K, H], every one
+    of them (no mask inside, the rest of the buffer is scratch);
+  * the step's own keys [B, T, K, H], causally.
+
+Keys arrive rotated (RoPE applied once, when an entry was made). The two halves
+are the standard fused-kernel shapes: "full attention with per-row key lengths"
+and "causal self-attention", merged by their log-sum-exp. Backends:
+
+  xla     blocked online softmax with its own backward (`jax.custom_vjp`, flash
+          style): the forward keeps only the output and the log-sum-exp per
+          query, the backward recomputes the scores block by block, so training
+          memory does not grow with the score matrix. The memory half loops over
+          the key blocks some row needs (a dynamic trip count): its cost follows
+          the memory's length, not the buffer's size. The causal half skips the
+          blocks above the diagonal.
+  cudnn   each half through `jax.nn.dot_product_attention(implementation="cudnn")`
+          (GPU only), merged by log-sum-exp.
+  jax     the same two calls with XLA's reference implementation (any backend):
+          the tested stand-in for the cudnn path's structure.
+  dense   one softmax over the concatenated keys with an explicit mask: the
+          reference the others are tested against; small shapes only.
+  auto    cudnn on GPU, xla elsewhere.
+
+Axis legend: B batch, T queries, S memory keys, U the step's own keys (= T),
+N query heads, K kv heads, G query heads per kv head (N = K*G), H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "cudnn", "jax", "dense")
+BLOCK = 512            # keys per block (memory half) and queries/keys per block (causal half)
+_NEG = -1e30           # finite "minus infinity": no inf - inf in the online softmax
+
+
+def resolve(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Grouped-query attention with one softmax over all keys, float32 scores.
+
+    q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] (True = may attend) or None
+    (every query sees every key: the CLIP encoder). A query row with no visible
+    key returns zeros.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qf = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qf, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32).reshape(b, t, n, h)
+    if mask is not None:
+        out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mem_k: Optional[jax.Array] = None,
+           mem_v: Optional[jax.Array] = None, mem_len: Optional[jax.Array] = None, *,
+           backend: str = "auto", block: int = BLOCK) -> jax.Array:
+    """q [B, T, N, H] over the memory (mem_k/mem_v [B, S, K, H], entries < mem_len [B]) and k/v [B, T, K, H] causally.
+
+    No memory (None): causal self-attention only. Returns [B, T, N, H] in q's dtype.
+    """
+    backend = resolve(backend)
+    if mem_k is None:
+        b, _, kv_heads, h = k.shape
+        mem_k = mem_v = jnp.zeros((b, 0, kv_heads, h), k.dtype)
+        mem_len = jnp.zeros((b,), jnp.int32)
+    mem_len = jnp.asarray(mem_len, jnp.int32)
+    if backend == "dense":
+        return _dense_split(q, k, v, mem_k, mem_v, mem_len)
+    return _flash(q, k, v, mem_k, mem_v, mem_len, block, backend)
+
+
+def _dense_split(q, k, v, mem_k, mem_v, mem_len):
+    b, t = q.shape[:2]
+    s = mem_k.shape[1]
+    mem_mask = jnp.arange(s)[None, None, :] < mem_len[:, None, None]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    mask = jnp.concatenate([jnp.broadcast_to(mem_mask, (b, t, s)), jnp.broadcast_to(causal, (b, t, t))], axis=-1)
+    return dense_attention(q, jnp.concatenate([mem_k, k], 1), jnp.concatenate([mem_v, v], 1), mask)
+
+
+def _two_calls(q, k, v, mem_k, mem_v, mem_len, backend):
+    """Forward of the cudnn / jax backends: each half through jax.nn.dot_product_attention, merged by LSE.
+
+    Returns (out [B, T, N, H], lse [B, K, G, T]) like `_forward`; the backward is the shared blocked one
+    (the residual LSE of the library call is not differentiable, the merged one is all the backward needs).
+    """
+    implementation = "cudnn" if backend == "cudnn" else "xla"
+    sdpa = functools.partial(jax.nn.dot_product_attention, implementation=implementation, return_residual=True)
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    to_stats = lambda lse: lse.astype(jnp.float32).reshape(b, t, kv_heads, n // kv_heads).transpose(0, 2, 3, 1)
+    out_self, lse_self = sdpa(q, k, v, is_causal=True)
+    if mem_k.shape[1] == 0:
+        return out_self, to_stats(lse_self)
+    out_mem, lse_mem = sdpa(q, mem_k, mem_v, key_value_seq_lengths=jnp.maximum(mem_len, 1))
+    lse_mem = jnp.where((mem_len > 0)[:, None, None], lse_mem.astype(jnp.float32), _NEG)
+    lse_self = lse_self.astype(jnp.float32)
+    top = jnp.maximum(lse_mem, lse_self)
+    w_mem, w_self = jnp.exp(lse_mem - top), jnp.exp(lse_self - top)
+    out = (out_mem.astype(jnp.float32) * w_mem[..., None] + out_self.astype(jnp.float32) * w_self[..., None]) \
+        / (w_mem + w_self)[..., None]
+    return out.astype(q.dtype), to_stats(top + jnp.log(w_mem + w_self))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The xla backend: flash-style blocked attention with its own backward.
+# Layout inside: queries folded per kv head, qf [B, K, G, T, H] (pre-scaled by H^-0.5); statistics [B, K, G, T].
+
+
+def _fold(x, kv_heads):
+    b, t, n, h = x.shape
+    return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _unfold(x):
+    b, kv_heads, g, t, h = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kv_heads * g, h)
+
+
+def _scores(qf, kb):
+    return jnp.einsum("BKGTH,BSKH->BKGTS", qf, kb, preferred_element_type=jnp.float32)
+
+
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    count = -(-t // block)
+    size = -(-t // count)                        # even blocks: little waste
+    return [(i * size, min(t, (i + 1) * size)) for i in range(count)]
+
+
+def _memory_blocks(mem_len, s: int, block: int):
+    """(block size, number of blocks some row needs, start of block i, valid mask of block i [B, bs])."""
+    bs = min(block, s)
+    count = (jnp.max(mem_len) + bs - 1) // bs
+
+    def at(i):
+        start = jnp.minimum(i * bs, s - bs)                  # the last block may overlap the one before
+        idx = start + jnp.arange(bs)
+        return start, (idx >= i * bs)[None, :] & (idx[None, :] < mem_len[:, None])
+
+    return bs, count, at
+
+
+def _online(state, scores, valid, vb):
+    """One block of the online softmax: scores [B,K,G,T,S], valid broadcastable to it, values vb [B,S,K,H]."""
+    run_max, run_sum, acc = state
+    scores = jnp.where(valid, scores, _NEG)
+    new_max = jnp.maximum(run_max, scores.max(axis=-1))
+    probs = jnp.where(valid, jnp.exp(scores - new_max[..., None]), 0.0)
+    scale = jnp.exp(run_max - new_max)
+    acc = acc * scale[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", probs.astype(vb.dtype), vb,
+                                               preferred_element_type=jnp.float32)
+    return new_max, run_sum * scale + probs.sum(axis=-1), acc
+
+
+def _forward(q, k, v, mem_k, mem_v, mem_len, block):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    g = n // kv_heads
+    qf = _fold(q, kv_heads) * jnp.asarray(h ** -0.5, q.dtype)
+    state = (jnp.full((b, kv_heads, g, t), _NEG, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
+             jnp.zeros((b, kv_heads, g, t, h), jnp.float32))
+    s = mem_k.shape[1]
+    if s:
+        bs, count, at = _memory_blocks(mem_len, s, block)
+
+        def visit(i, st):
+            start, valid = at(i)
+            kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1)
+            return _online(st, _scores(qf, kb), valid[:, None, None, None, :], vb)
+
+        state = jax.lax.fori_loop(0, count, visit, state)
+    outs, lses = [], []
+    blocks = _query_blocks(t, block)
+    for qi, (q0, q1) in enumerate(blocks):
+        st = tuple(x[:, :, :, q0:q1] for x in state)
+        for k0, k1 in blocks[:qi + 1]:
+            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(k0, k1)[None, :])[None, None, None]
+            st = _online(st, _scores(qf[:, :, :, q0:q1], k[:, k0:k1]), causal, v[:, k0:k1])
+        run_max, run_sum, acc = st
+        outs.append(acc / run_sum[..., None])                # every query sees itself: run_sum > 0
+        lses.append(run_max + jnp.log(run_sum))
+    out = jnp.concatenate(outs, axis=3)
+    return _unfold(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
+
+
+def _forward_any(q, k, v, mem_k, mem_v, mem_len, block, backend):
+    if backend == "xla":
+        return _forward(q, k, v, mem_k, mem_v, mem_len, block)
+    return _two_calls(q, k, v, mem_k, mem_v, mem_len, backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, mem_k, mem_v, mem_len, block, backend):
+    return _forward_any(q, k, v, mem_k, mem_v, mem_len, block, backend)[0]
+
+
+def _flash_fwd(q, k, v, mem_k, mem_v, mem_len, block, backend):
+    out, lse = _forward_any(q, k, v, mem_k, mem_v, mem_len, block, backend)
+    return out, (q, k, v, mem_k, mem_v, mem_len, out, lse)
+
+
+def _block_grads(qf, dof, delta, lse, kb, vb, valid):
+    """Gradients of one (query block, key block) pair: (d qf, d kb, d vb)."""
+    p = jnp.where(valid, jnp.exp(_scores(qf, kb) - lse[..., None]), 0.0)         # [B,K,G,T,S]
+    dv = jnp.einsum("BKGTS,BKGTH->BSKH", p, dof, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("BKGTH,BSKH->BKGTS", dof, vb, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])
+    dq = jnp.einsum("BKGTS,BSKH->BKGTH", ds, kb, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("BKGTS,BKGTH->BSKH", ds, qf, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+def _flash_bwd(block, backend, res, d_out):
+    q, k, v, mem_k, mem_v, mem_len, out, lse = res
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    scale = h ** -0.5
+    qf = _fold(q, kv_heads).astype(jnp.float32) * scale
+    dof = _fold(d_out, kv_heads).astype(jnp.float32)
+    delta = jnp.sum(dof * _fold(out, kv_heads).astype(jnp.float32), axis=-1)          # [B,K,G,T]
+    dqf = jnp.zeros(qf.shape, jnp.float32)
+    s = mem_k.shape[1]
+    d_mem_k = jnp.zeros(mem_k.shape, jnp.float32)
+    d_mem_v = jnp.zeros(mem_v.shape, jnp.float32)
+    if s:
+        bs, count, at = _memory_blocks(mem_len, s, block)
+
+        def visit(i, st):
+            dq, dmk, dmv = st
+            start, valid = at(i)
+            kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1).astype(jnp.float32)
+            vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1).astype(jnp.float32)
+            dq_b, dk_b, dv_b = _block_grads(qf, dof, delta, lse, kb, vb, valid[:, None, None, None, :])
+            add = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+                buf, jax.lax.dynamic_slice_in_dim(buf, start, bs, axis=1) + x, start, axis=1)
+            return dq + dq_b, add(dmk, dk_b), add(dmv, dv_b)
+
+        dqf, d_mem_k, d_mem_v = jax.lax.fori_loop(0, count, visit, (dqf, d_mem_k, d_mem_v))
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    blocks = _query_blocks(t, block)
+    dq_parts, dk_parts, dv_parts = [], [jnp.zeros((b, k1 - k0, kv_heads, h)) for k0, k1 in blocks], \
+        [jnp.zeros((b, k1 - k0, kv_heads, h)) for k0, k1 in blocks]
+    for qi, (q0, q1) in enumerate(blocks):
+        sl = slice(q0, q1)
+        dq_block = dqf[:, :, :, sl]
+        for ki, (k0, k1) in enumerate(blocks[:qi + 1]):
+            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(k0, k1)[None, :])[None, None, None]
+            dq_b, dk_b, dv_b = _block_grads(qf[:, :, :, sl], dof[:, :, :, sl], delta[:, :, :, sl],
+                                            lse[:, :, :, sl], kf[:, k0:k1], vf[:, k0:k1], causal)
+            dq_block = dq_block + dq_b
+            dk_parts[ki] = dk_parts[ki] + dk_b
+            dv_parts[ki] = dv_parts[ki] + dv_b
+        dq_parts.append(dq_block)
+    dq = _unfold(jnp.concatenate(dq_parts, axis=3) * scale)
+    return (dq.astype(q.dtype), jnp.concatenate(dk_parts, 1).astype(k.dtype),
+            jnp.concatenate(dv_parts, 1).astype(v.dtype), d_mem_k.astype(mem_k.dtype),
+            d_mem_v.astype(mem_v.dtype), None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
