@@ -83,7 +83,8 @@ def run_point(args) -> dict:
 
     @jax.jit
     def features(u8):
-        return videoxl.frame_features(params, cfg, videoxl.normalise_pixels(u8, mean, std, dtype), dtype=dtype)
+        return videoxl.frame_features(params, cfg, videoxl.normalise_pixels(u8, mean, std, dtype), dtype=dtype,
+                                      frame_chunk=args.frame_chunk or None)
 
     schedule = schedules.uncompressed() if ratio is None else schedules.fixed(ratio)
     tokens = frames * cfg.tokens_per_frame
@@ -123,7 +124,7 @@ def run_point(args) -> dict:
     out.update(frames=frames, ratio=args.ratio, config=args.config, dtype=args.dtype, repeats=args.repeats,
                kv_entries=entries, kv_bytes=entries * llm.num_layers * 2 * llm.num_kv_heads * llm.head_dim
                * dtype.itemsize, buffer_entries=spec.buffer_size, device=str(jax.devices()[0].device_kind),
-               generated=int(gen.num_tokens[0]), peak_rss_mib=peak_rss_mib())
+               generated=int(gen.num_tokens[0]), peak_rss_mib=peak_rss_mib(), frame_chunk=args.frame_chunk)
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -207,6 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point after one warm-up (default 5)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (H100 bf16 dense: 989)")
     p.add_argument("--out", type=pathlib.Path, default=HERE / "results", help="output folder")
+    p.add_argument("--frame-chunk", type=int, default=0,
+                   help="frames per CLIP call in the features stage (default 0: the library's, 2 on CPU, all "
+                        "frames at once elsewhere, which holds 21 MB of float32 attention scores per frame with "
+                        "the 7B's CLIP: too much on 80 GB from about 2048 frames)")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)   # internal: run one point
     p.add_argument("--ratio", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -224,7 +229,7 @@ def main(argv=None) -> int:
     for i, (frames, ratio) in enumerate(points, 1):
         cmd = [sys.executable, __file__, "--point", "--config", args.config, "--dtype", args.dtype,
                "--frames", str(frames), "--ratio", ratio, "--repeats", str(args.repeats),
-               "--peak-tflops", str(args.peak_tflops)]
+               "--peak-tflops", str(args.peak_tflops), "--frame-chunk", str(args.frame_chunk)]
         print(f"[{i}/{len(points)}] {frames} frames, ratio {ratio} ...", end=" ", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

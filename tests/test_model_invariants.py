@@ -125,3 +125,17 @@ def test_attention_without_memory_is_causal_self_attention():
     want = attention.dense_attention(q, key, val, causal)
     for backend in ("xla", "jax", "dense"):
         np.testing.assert_allclose(attention.attend(q, key, val, backend=backend, block=4), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["xla", "jax"])
+def test_full_attention_equals_dense_attention_values_and_gradients(backend):
+    """The CLIP encoder's unmasked attention (one key block over the whole sequence on the xla path)."""
+    rng = np.random.default_rng(2)
+    q, key, val = (jnp.asarray(rng.standard_normal((3, 37, 4, 8)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(attention.full_attention(q, key, val, backend=backend),
+                               attention.dense_attention(q, key, val), atol=1e-6, rtol=0)
+    loss = lambda fn: (lambda *a: jnp.sum(jnp.sin(fn(*a))))
+    got = jax.grad(loss(lambda *a: attention.full_attention(*a, backend=backend)), argnums=(0, 1, 2))(q, key, val)
+    want = jax.grad(loss(attention.dense_attention), argnums=(0, 1, 2))(q, key, val)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)

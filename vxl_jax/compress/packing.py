@@ -69,6 +69,11 @@ class PrefillSpec:
         return self.window if ratio is None else self.max_vst(ratio)
 
     @property
+    def max_write(self) -> int:
+        """Rows a window step writes after the memory (its kept entries, zero-padded to the widest branch)."""
+        return max([1] + [self.max_kept(r) for r in self.ratios])
+
+    @property
     def slot_width(self) -> int:
         return max([1] + [self.max_vst(r) for r in self.ratios])
 
@@ -156,7 +161,8 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
                       "suffix tokens")
     spec0 = PrefillSpec(branch_set, window_size, 0)
     worst_kept = max([0] + [spec0.max_kept(r) for r in branch_set])
-    # A window's own tokens never enter the buffer: only what it keeps is written after the memory.
+    # A window's own tokens never enter the buffer: window w writes its kept entries (padded to the widest
+    # branch, also for padding windows) at most at p_len + w * worst_kept; the text and decoding follow.
     buffer = p_len + n_win * worst_kept + s_len + max_new_tokens
     spec = PrefillSpec(branch_set, window_size, buffer)
 

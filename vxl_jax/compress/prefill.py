@@ -76,7 +76,12 @@ def _window_visual(params, cfg: VideoXLConfig, visual, starts, window: int, pixe
 
 
 def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Optional[int], remat: str):
-    """The step of one ratio: (cache, length, feats, kept, slots) -> (cache, length)."""
+    """The step of one ratio: (cache, length, feats, kept, slots) -> (entries [L, B, spec.max_write, K, H], length).
+
+    The branch only reads the memory; the caller writes the entries after the
+    switch, so the carried buffer is updated in place (a write inside each
+    branch of a conditional would make XLA copy the buffer).
+    """
     fed = spec.fed_length(ratio)
     n_vst = spec.max_vst(ratio)
 
@@ -94,9 +99,18 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
             vst_row = params["llm"]["vst_embed"][0].astype(feats.dtype)
             x = jnp.where(is_vst[..., None], vst_row, raw_rows)
             ctx = qwen2.make_context(cfg.llm, length, fed, vst_slots=slots, vst_valid=valid)
-        _, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype)
-        return qwen2.append(cache, entries, length), length + kept
+        _, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype,
+                                         need_hidden=False)
+        pad = ((0, 0), (0, 0), (0, spec.max_write - entries.k.shape[2]), (0, 0), (0, 0))
+        return jax.tree.map(lambda e: jnp.pad(e, pad), entries), length + kept
 
+    return step
+
+
+def _noop_branch(spec: PrefillSpec):
+    def step(cache, length, feats, kept, slots):
+        shape = cache.k.shape[:2] + (spec.max_write,) + cache.k.shape[3:]
+        return qwen2.KVCache(jnp.zeros(shape, cache.k.dtype), jnp.zeros(shape, cache.v.dtype)), length
     return step
 
 
@@ -126,7 +140,7 @@ def run_windows(params: dict, cfg: VideoXLConfig, levels: Sequence[tuple[PlanArr
     """
     batch, hidden = levels[0][0].prefix_ids.shape[0], cfg.llm.hidden_size
     window, noop = levels[0][1].window, [spec.noop_branch for _, spec in levels]
-    steps = [[*[_compressed_branch(params, cfg, spec, r, remat) for r in spec.ratios], lambda c, l, f, k, s: (c, l)]
+    steps = [[*[_compressed_branch(params, cfg, spec, r, remat) for r in spec.ratios], _noop_branch(spec)]
              for _, spec in levels]
 
     def window_step(carry, xs):
@@ -137,7 +151,8 @@ def run_windows(params: dict, cfg: VideoXLConfig, levels: Sequence[tuple[PlanArr
                              lambda: jnp.zeros((batch, window, hidden), dtype))
         new_carry = []
         for (cache, length), (branch, kept, slots), branches in zip(carry, per_level, steps):
-            cache, new_length = jax.lax.switch(branch, branches, cache, length, feats, kept, slots)
+            entries, new_length = jax.lax.switch(branch, branches, cache, length, feats, kept, slots)
+            cache = qwen2.append(cache, entries, length)
             cache = jax.tree.map(lambda c: parallel.constrain(c, CACHE_AXES), cache)
             new_carry.append((cache, new_length))
         before = [length for _, length in carry]

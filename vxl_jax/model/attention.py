@@ -89,6 +89,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mem_k: Optional[jax.Array] 
     return _flash(q, k, v, mem_k, mem_v, mem_len, block, backend)
 
 
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto") -> jax.Array:
+    """Every query sees every key (no mask): the CLIP encoder. q [B, T, N, H], k/v [B, S, K, H].
+
+    The flash path keeps only the output and the log-sum-exp for the backward
+    (a dense softmax would keep every frame's [N, T, S] probabilities).
+    """
+    backend = resolve(backend)
+    if backend == "dense":
+        return dense_attention(q, k, v)
+    if backend in ("cudnn", "jax"):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if backend == "cudnn" else "xla")
+    b, s = k.shape[:2]
+    none = jnp.zeros((b, 0) + k.shape[2:], k.dtype)
+    # One key block covers the whole sequence (CLIP's 577 tokens): no partial block computed twice.
+    return _flash(q, none, none, k, v, jnp.full((b,), s, jnp.int32), max(BLOCK, s), "xla")
+
+
 def _dense_split(q, k, v, mem_k, mem_v, mem_len):
     b, t = q.shape[:2]
     s = mem_k.shape[1]
@@ -173,32 +190,33 @@ def _online(state, scores, valid, vb):
 
 
 def _forward(q, k, v, mem_k, mem_v, mem_len, block):
+    """Per query block: the memory's key blocks (online softmax), then the block's causal keys in one step."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     g = n // kv_heads
     qf = _fold(q, kv_heads) * jnp.asarray(h ** -0.5, q.dtype)
-    state = (jnp.full((b, kv_heads, g, t), _NEG, jnp.float32), jnp.zeros((b, kv_heads, g, t), jnp.float32),
-             jnp.zeros((b, kv_heads, g, t, h), jnp.float32))
     s = mem_k.shape[1]
     if s:
         bs, count, at = _memory_blocks(mem_len, s, block)
-
-        def visit(i, st):
-            start, valid = at(i)
-            kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1)
-            return _online(st, _scores(qf, kb), valid[:, None, None, None, :], vb)
-
-        state = jax.lax.fori_loop(0, count, visit, state)
     outs, lses = [], []
-    blocks = _query_blocks(t, block)
-    for qi, (q0, q1) in enumerate(blocks):
-        st = tuple(x[:, :, :, q0:q1] for x in state)
-        for k0, k1 in blocks[:qi + 1]:
-            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(k0, k1)[None, :])[None, None, None]
-            st = _online(st, _scores(qf[:, :, :, q0:q1], k[:, k0:k1]), causal, v[:, k0:k1])
-        run_max, run_sum, acc = st
-        outs.append(acc / run_sum[..., None])                # every query sees itself: run_sum > 0
+    for q0, q1 in _query_blocks(t, block):
+        qb = qf[:, :, :, q0:q1]
+        rows = q1 - q0
+        state = (jnp.full((b, kv_heads, g, rows), _NEG, jnp.float32),
+                 jnp.zeros((b, kv_heads, g, rows), jnp.float32), jnp.zeros((b, kv_heads, g, rows, h), jnp.float32))
+        if s:
+            def visit(i, st, qb=qb):
+                start, valid = at(i)
+                kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1)
+                vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1)
+                return _online(st, _scores(qb, kb), valid[:, None, None, None, :], vb)
+
+            state = jax.lax.fori_loop(0, count, visit, state)
+        if k.shape[1]:
+            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+            state = _online(state, _scores(qb, k[:, :q1]), causal, v[:, :q1])
+        run_max, run_sum, acc = state
+        outs.append(acc / run_sum[..., None])                # every query sees a key: run_sum > 0
         lses.append(run_max + jnp.log(run_sum))
     out = jnp.concatenate(outs, axis=3)
     return _unfold(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
@@ -239,42 +257,37 @@ def _flash_bwd(block, backend, res, d_out):
     qf = _fold(q, kv_heads).astype(jnp.float32) * scale
     dof = _fold(d_out, kv_heads).astype(jnp.float32)
     delta = jnp.sum(dof * _fold(out, kv_heads).astype(jnp.float32), axis=-1)          # [B,K,G,T]
-    dqf = jnp.zeros(qf.shape, jnp.float32)
     s = mem_k.shape[1]
     d_mem_k = jnp.zeros(mem_k.shape, jnp.float32)
     d_mem_v = jnp.zeros(mem_v.shape, jnp.float32)
     if s:
         bs, count, at = _memory_blocks(mem_len, s, block)
-
-        def visit(i, st):
-            dq, dmk, dmv = st
-            start, valid = at(i)
-            kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1).astype(jnp.float32)
-            vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1).astype(jnp.float32)
-            dq_b, dk_b, dv_b = _block_grads(qf, dof, delta, lse, kb, vb, valid[:, None, None, None, :])
-            add = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
-                buf, jax.lax.dynamic_slice_in_dim(buf, start, bs, axis=1) + x, start, axis=1)
-            return dq + dq_b, add(dmk, dk_b), add(dmv, dv_b)
-
-        dqf, d_mem_k, d_mem_v = jax.lax.fori_loop(0, count, visit, (dqf, d_mem_k, d_mem_v))
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-    blocks = _query_blocks(t, block)
-    dq_parts, dk_parts, dv_parts = [], [jnp.zeros((b, k1 - k0, kv_heads, h)) for k0, k1 in blocks], \
-        [jnp.zeros((b, k1 - k0, kv_heads, h)) for k0, k1 in blocks]
-    for qi, (q0, q1) in enumerate(blocks):
+    dk, dv = jnp.zeros(kf.shape, jnp.float32), jnp.zeros(vf.shape, jnp.float32)
+    dq_parts = []
+    for q0, q1 in _query_blocks(t, block):
         sl = slice(q0, q1)
-        dq_block = dqf[:, :, :, sl]
-        for ki, (k0, k1) in enumerate(blocks[:qi + 1]):
-            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(k0, k1)[None, :])[None, None, None]
-            dq_b, dk_b, dv_b = _block_grads(qf[:, :, :, sl], dof[:, :, :, sl], delta[:, :, :, sl],
-                                            lse[:, :, :, sl], kf[:, k0:k1], vf[:, k0:k1], causal)
-            dq_block = dq_block + dq_b
-            dk_parts[ki] = dk_parts[ki] + dk_b
-            dv_parts[ki] = dv_parts[ki] + dv_b
-        dq_parts.append(dq_block)
+        qb, dob, db, lb = qf[:, :, :, sl], dof[:, :, :, sl], delta[:, :, :, sl], lse[:, :, :, sl]
+        dq_b = jnp.zeros(qb.shape, jnp.float32)
+        if k.shape[1]:
+            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+            dq_b, dk_b, dv_b = _block_grads(qb, dob, db, lb, kf[:, :q1], vf[:, :q1], causal)
+            dk, dv = dk.at[:, :q1].add(dk_b), dv.at[:, :q1].add(dv_b)
+        if s:
+            def visit(i, st, qb=qb, dob=dob, db=db, lb=lb):
+                dq, dmk, dmv = st
+                start, valid = at(i)
+                kb = jax.lax.dynamic_slice_in_dim(mem_k, start, bs, axis=1).astype(jnp.float32)
+                vb = jax.lax.dynamic_slice_in_dim(mem_v, start, bs, axis=1).astype(jnp.float32)
+                dq_m, dk_m, dv_m = _block_grads(qb, dob, db, lb, kb, vb, valid[:, None, None, None, :])
+                add = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+                    buf, jax.lax.dynamic_slice_in_dim(buf, start, bs, axis=1) + x, start, axis=1)
+                return dq + dq_m, add(dmk, dk_m), add(dmv, dv_m)
+
+            dq_b, d_mem_k, d_mem_v = jax.lax.fori_loop(0, count, visit, (dq_b, d_mem_k, d_mem_v))
+        dq_parts.append(dq_b)
     dq = _unfold(jnp.concatenate(dq_parts, axis=3) * scale)
-    return (dq.astype(q.dtype), jnp.concatenate(dk_parts, 1).astype(k.dtype),
-            jnp.concatenate(dv_parts, 1).astype(v.dtype), d_mem_k.astype(mem_k.dtype),
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_mem_k.astype(mem_k.dtype),
             d_mem_v.astype(mem_v.dtype), None)
 
 

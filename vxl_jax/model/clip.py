@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vxl_jax.config import ClipVisionConfig
-from vxl_jax.model.attention import dense_attention
+from vxl_jax.model.attention import full_attention
 
 
 def quick_gelu(x):
@@ -49,7 +49,7 @@ class EncoderLayer(nn.Module):
                                             name=name)
         h = norm("layer_norm1")(x)
         q, k, v = proj("q_proj")(h), proj("k_proj")(h), proj("v_proj")(h)      # [F, T, N, H]
-        out = dense_attention(q, k, v)                                           # [F, T, N, H]
+        out = full_attention(q, k, v)                                            # [F, T, N, H]
         x = x + nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="out_proj")(out)
         h = norm("layer_norm2")(x)

@@ -124,15 +124,25 @@ class DecoderLayer(nn.Module):
                                param_dtype=self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, mem_k, mem_v, ctx: StepContext):
-        """x [B, T, D], this layer's memory mem_k/mem_v [B, S, K, H] -> (x, kept keys, kept values)."""
+    def __call__(self, x, mem_k, mem_v, ctx: StepContext, entries_only: bool = False):
+        """x [B, T, D], this layer's memory mem_k/mem_v [B, S, K, H] -> (x, kept keys, kept values).
+
+        entries_only: compute just the kept entries (x comes back unchanged): the
+        last layer of a step whose hidden states nobody reads (a window).
+        """
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_norm")(x)
+        vst = [self._proj(n, f"vst_{p}_proj") for n, p in ((cfg.num_heads, "q"), (cfg.num_kv_heads, "k"),
+                                                            (cfg.num_kv_heads, "v"))]
+        if entries_only:
+            if ctx.vst_slots is not None:
+                hv = _rows(h, ctx.vst_slots)
+                return x, apply_rope(vst[1](hv), *ctx.keep_rope), vst[2](hv)
+            return (x, apply_rope(self._proj(cfg.num_kv_heads, "k_proj")(h), *ctx.rope),
+                    self._proj(cfg.num_kv_heads, "v_proj")(h))
         q = self._proj(cfg.num_heads, "q_proj")(h)          # [B, T, N, H]
         k = self._proj(cfg.num_kv_heads, "k_proj")(h)       # [B, T, K, H]
         v = self._proj(cfg.num_kv_heads, "v_proj")(h)
-        vst = [self._proj(n, f"vst_{p}_proj") for n, p in ((cfg.num_heads, "q"), (cfg.num_kv_heads, "k"),
-                                                            (cfg.num_kv_heads, "v"))]
         if self.is_initializing():
             for proj in vst:
                 proj(h[:, :1])
@@ -195,18 +205,26 @@ def embed(params: dict, ids: jax.Array, dtype=None) -> jax.Array:
 
 
 def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, memory: Optional[KVCache], ctx: StepContext, *,
-                  remat: str = "none", dtype=None) -> tuple[jax.Array, KVCache]:
+                  remat: str = "none", dtype=None, need_hidden: bool = True) -> tuple[Optional[jax.Array], KVCache]:
     """Runs all layers on x [B, T, D] after `memory` (None: nothing before the step).
 
     Returns the final-normed hidden states and the step's kept entries
     [L, B, T or M, K, H] (write them with `append(buffer, entries, ctx.mem_len)`).
+    need_hidden=False (a window: only its kept entries matter) returns None for
+    the hidden states and skips the last layer's attention and MLP, which
+    nothing reads: it only projects the kept rows' keys and values.
     """
     dtype = dtype or x.dtype
     layer = DecoderLayer(cfg, dtype=dtype, param_dtype=params["embed_tokens"].dtype)
+    last = cfg.num_layers - 1
 
     def body(h, xs):
-        p, mk, mv = xs
-        h, k, v = layer.apply({"params": p}, h, mk, mv, ctx)
+        p, mk, mv, i = xs
+        run = lambda only: (lambda h: layer.apply({"params": p}, h, mk, mv, ctx, only))
+        if need_hidden:
+            h, k, v = run(False)(h)
+        else:
+            h, k, v = jax.lax.cond(i == last, run(True), run(False), h)
         # Block boundary: rows stay on their data-parallel devices, the width whole (RULES).
         return parallel.constrain(h, ("batch", "seq", "act_embed")), (k, v)
 
@@ -214,7 +232,10 @@ def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, memory: Optional
     if remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     mem = (memory.k, memory.v) if memory is not None else (None, None)
-    x, (k, v) = jax.lax.scan(body, x.astype(dtype), (params["layers"], *mem))
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x, (k, v) = jax.lax.scan(body, x.astype(dtype), (params["layers"], *mem, layer_ids))
+    if not need_hidden:
+        return None, KVCache(k, v)
     h = RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, x)
     return h, KVCache(k, v)
 
