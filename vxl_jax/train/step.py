@@ -52,7 +52,7 @@ class StepSettings:
     accum_steps: int = 1
     dtype: str = "float32"          # compute dtype; parameters and optimizer state stay float32
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
-    remat_window: str = "none"      # per compression window (the scan body)
+    remat_window: str = "full"      # per compression window (the scan body): keep only the carried memory
     pixel_mean: tuple[float, ...] = PIXEL_NORM_U8[0]   # on uint8 pixels
     pixel_std: tuple[float, ...] = PIXEL_NORM_U8[1]
 
