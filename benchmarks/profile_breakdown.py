@@ -90,7 +90,7 @@ def main() -> None:
     rows.append(("compressed prefill, whole", t_prefill))
 
     print(f"{args.config}, {args.frames} frames, ratio {args.ratio}, {jax.devices()[0].device_kind}, "
-          f"{n_vst} VSTs per window, attention backend {attention.resolve(llm.attention)}")
+          f"{n_vst} VSTs per window, attention backend {attention.resolve(llm.attention, jnp.float32)}")
     print("\n| part | seconds |\n|---|---|")
     for name, t in rows:
         cell = " / ".join(f"{x:.3f}" for x in t) if isinstance(t, tuple) else f"{t:.3f}"

@@ -31,6 +31,7 @@ def test_tiny_model_command(tmp_path, capsys):
     assert len(CheckpointReader(tmp_path / "m").keys()) == 83
 
 
+@pytest.mark.slow  # 80 s: the whole demo; make demo runs it too
 def test_demo_trains_exports_and_answers(tmp_path, capsys):
     """The main job, shortened: 12 training steps on 8 simulated devices, export, convert, answer."""
     assert vxl(["demo", "--out", str(tmp_path), "--steps", "12", "--questions", "2"]) == 0

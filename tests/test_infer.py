@@ -75,6 +75,7 @@ def test_checkpoint_without_tokenizer_exits_nonzero(tmp_path, capsys):
     assert "has no tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 30 s; test_x2l checks the same equalities on features
 def test_x2l_with_every_or_no_chunk_reloaded_answers_like_the_low_or_high_ratio(setup):
     root, path = setup
     answerer = Answerer.load(str(root / "hf"))

@@ -91,7 +91,7 @@ def test_remat_changes_nothing(model, policy):
 
 
 @pytest.mark.parametrize("backend", ["xla", "jax"])
-@pytest.mark.parametrize("block", [16, 512])
+@pytest.mark.parametrize("block", [32, 512])
 def test_attention_backends_equal_dense_attention_values_and_gradients(backend, block):
     """Memory half (per-row lengths, one row empty, a partial last block) + causal half, values and gradients."""
     rng = np.random.default_rng(0)

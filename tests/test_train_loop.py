@@ -82,6 +82,7 @@ def test_resume_at_max_steps_equals_uninterrupted(env, tmp_path, uninterrupted):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 57 s; resume == uninterrupted stays in the default suite
 def test_sigterm_saves_and_the_rerun_continues_exactly(env, tmp_path, uninterrupted):
     proc = _train(env, tmp_path, "max_steps=12", "save_every=1000", wait=False)
     metrics = tmp_path / "metrics.jsonl"
@@ -103,6 +104,7 @@ def test_sigterm_saves_and_the_rerun_continues_exactly(env, tmp_path, uninterrup
     assert _losses(tmp_path) == _losses(uninterrupted)
 
 
+@pytest.mark.slow  # 90 s: two trainer processes; run with make test-slow
 def test_two_processes_train_together(env, tmp_path):
     """launch/local_multiprocess.sh: 2 CPU processes x 2 devices, one jax.distributed run, batch split."""
     env2 = dict(env, VXL_CPU_DEVICES="2", VXL_PYTHON=sys.executable, VXL_FOLLOW="0")

@@ -24,7 +24,7 @@ and "causal self-attention", merged by their log-sum-exp. Backends:
           the tested stand-in for the cudnn path's structure.
   dense   one softmax over the concatenated keys with an explicit mask: the
           reference the others are tested against; small shapes only.
-  auto    cudnn on GPU, xla elsewhere.
+  auto    cudnn on GPU for bfloat16/float16 inputs, xla otherwise (float32 parity runs, CPU).
 
 Axis legend: B batch, T queries, S memory keys, U the step's own keys (= T),
 N query heads, K kv heads, G query heads per kv head (N = K*G), H head dim.
@@ -43,11 +43,13 @@ BLOCK = 128            # keys per memory block and queries per block (128 measur
 _NEG = -1e30           # finite "minus infinity": no inf - inf in the online softmax
 
 
-def resolve(backend: str) -> str:
+def resolve(backend: str, dtype=jnp.bfloat16) -> str:
+    """The backend `auto` stands for: cuDNN on a GPU for 16-bit inputs (its fused kernels take no float32), xla otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     return backend
 
 
@@ -78,7 +80,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mem_k: Optional[jax.Array] 
 
     No memory (None): causal self-attention only. Returns [B, T, N, H] in q's dtype.
     """
-    backend = resolve(backend)
+    backend = resolve(backend, q.dtype)
     if mem_k is None:
         b, _, kv_heads, h = k.shape
         mem_k = mem_v = jnp.zeros((b, 0, kv_heads, h), k.dtype)
@@ -95,11 +97,12 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "
     The flash path keeps only the output and the log-sum-exp for the backward
     (a dense softmax would keep every frame's [N, T, S] probabilities).
     """
-    backend = resolve(backend)
+    backend = resolve(backend, q.dtype)
     if backend == "dense":
         return dense_attention(q, k, v)
     if backend in ("cudnn", "jax"):
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if backend == "cudnn" else "xla")
+        # On a GPU let JAX pick cuDNN where it supports the shape (CLIP's 577 tokens), XLA otherwise.
+        return jax.nn.dot_product_attention(q, k, v, implementation=None if backend == "cudnn" else "xla")
     b, s = k.shape[:2]
     none = jnp.zeros((b, 0) + k.shape[2:], k.dtype)
     # One key block covers the whole sequence (CLIP's 577 tokens): no partial block computed twice.
