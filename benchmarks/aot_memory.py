@@ -145,7 +145,6 @@ def execute(compiled, cfg, arrays, visual, norm, dtype, budget_s: float) -> dict
         return (h * jnp.uint32(2246822519) >> 24).astype(jnp.uint8)
 
     dev = jax.devices()[0]
-    out = {"status": "setup"}
     try:
         params = jax.jit(videoxl.init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dtype)
         frames = jax.jit(synthetic, static_argnums=0)(visual.shape)
