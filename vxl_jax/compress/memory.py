@@ -51,6 +51,5 @@ def shift_keys(k: jax.Array, shift: jax.Array, theta: float) -> jax.Array:
 
 def pre_rope_keys(k, theta: float) -> np.ndarray:
     """Host keys [L, n, K, H] of one row as stored (entry i rotated to i) -> before RoPE (what the original caches)."""
-    k = jnp.asarray(k)
-    back = -jnp.arange(k.shape[1], dtype=jnp.int32)[None]
-    return np.asarray(jax.vmap(lambda layer: rotate(layer[None], back, theta)[0])(k))
+    back = -jnp.arange(k.shape[1], dtype=jnp.int32)[None]             # entry i back from position i
+    return np.asarray(shift_keys(jnp.asarray(k)[:, None], back, theta)[:, 0])

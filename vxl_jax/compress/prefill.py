@@ -87,18 +87,18 @@ def _compressed_branch(params, cfg: VideoXLConfig, spec: PrefillSpec, ratio: Opt
 
     def step(cache, length, feats, kept, slots):
         b = length.shape[0]
-        x, ctx = feats, qwen2.make_context(cfg.llm, length, fed)   # ratio None: the raw tokens as they are
+        x, vst_slots, valid = feats, None, None               # ratio None: the raw tokens as they are
         if ratio is not None:
             t = jnp.arange(fed, dtype=jnp.int32)
-            slots = slots[:, :n_vst]
+            vst_slots = slots[:, :n_vst]
             valid = jnp.arange(n_vst)[None, :] < kept[:, None]
-            is_vst = jnp.zeros((b, fed), bool).at[jnp.arange(b)[:, None], jnp.where(valid, slots, fed)].set(
+            is_vst = jnp.zeros((b, fed), bool).at[jnp.arange(b)[:, None], jnp.where(valid, vst_slots, fed)].set(
                 True, mode="drop")
             raw_idx = jnp.clip(t[None, :] - jnp.cumsum(is_vst, axis=1), 0, spec.window - 1)
             raw_rows = jnp.take_along_axis(feats, raw_idx[..., None], axis=1)
             vst_row = params["llm"]["vst_embed"][0].astype(feats.dtype)
             x = jnp.where(is_vst[..., None], vst_row, raw_rows)
-            ctx = qwen2.make_context(cfg.llm, length, fed, vst_slots=slots, vst_valid=valid)
+        ctx = qwen2.make_context(cfg.llm, length, fed, vst_slots=vst_slots, vst_valid=valid)
         _, entries = qwen2.decode_layers(params["llm"], cfg.llm, x, cache, ctx, remat=remat, dtype=x.dtype,
                                          need_hidden=False)
         pad = ((0, 0), (0, 0), (0, spec.max_write - entries.k.shape[2]), (0, 0), (0, 0))

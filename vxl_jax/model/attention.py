@@ -167,6 +167,11 @@ def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(i * size, min(t, (i + 1) * size)) for i in range(count)]
 
 
+def _causal(q0: int, q1: int):
+    """Mask of queries q0..q1-1 over the step's keys 0..q1-1, broadcastable to [B, K, G, T, S]."""
+    return (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+
+
 def _memory_blocks(mem_len, s: int, block: int):
     """(block size, number of blocks some row needs, start of block i, valid mask of block i [B, bs])."""
     bs = min(block, s)
@@ -216,7 +221,7 @@ def _forward(q, k, v, mem_k, mem_v, mem_len, block):
 
             state = jax.lax.fori_loop(0, count, visit, state)
         if k.shape[1]:
-            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+            causal = _causal(q0, q1)
             state = _online(state, _scores(qb, k[:, :q1]), causal, v[:, :q1])
         run_max, run_sum, acc = state
         outs.append(acc / run_sum[..., None])                # every query sees a key: run_sum > 0
@@ -273,7 +278,7 @@ def _flash_bwd(block, backend, res, d_out):
         qb, dob, db, lb = qf[:, :, :, sl], dof[:, :, :, sl], delta[:, :, :, sl], lse[:, :, :, sl]
         dq_b = jnp.zeros(qb.shape, jnp.float32)
         if k.shape[1]:
-            causal = (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+            causal = _causal(q0, q1)
             dq_b, dk_b, dv_b = _block_grads(qb, dob, db, lb, kf[:, :q1], vf[:, :q1], causal)
             dk, dv = dk.at[:, :q1].add(dk_b), dv.at[:, :q1].add(dv_b)
         if s:
