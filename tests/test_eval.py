@@ -13,7 +13,7 @@ import pytest
 from vxl_jax.cli.main import main as vxl
 from vxl_jax.data import video
 from vxl_jax.data.synthetic import PALETTE
-from vxl_jax.eval import mcqa, niah
+from vxl_jax.eval import lmms_tasks, mcqa, niah
 from vxl_jax.eval.mcqa import FormatError, Question, parse_choice
 
 OPTIONS = ["red", "blue", "green", "dark red"]
@@ -100,7 +100,7 @@ def test_load_mlvu(tmp_path):
     assert [x.answer_index for x in q] == [1, 2]
     assert q[0] == Question(id="1_plotQA-0", video="movie1.mp4", question="What happens first?",
                             options=("a dog runs", "a car stops", "it rains", "nothing"), answer_index=1,
-                            task_type="plotQA", duration=246.5, source=path)
+                            task_type="plotQA", duration=246.5, source=path, benchmark="mlvu")
     assert q[1].task_type == "count" and q[1].duration == 30.0 and q[1].answer_letter == "C"
 
 
@@ -215,7 +215,8 @@ def test_score_by_named_duration(tmp_path):
 def test_run_asks_every_question_about_its_frames(tmp_path):
     questions, root = _synthetic_set(tmp_path)
     assert mcqa.missing_videos(questions, root) == []
-    by_prompt = {mcqa.prompt(q.question, q.options): q for q in questions}
+    by_prompt = {lmms_tasks.prompt_for(q): q for q in questions}
+    assert all(q.benchmark == "mlvu" for q in questions) and len(by_prompt) == len(questions)
     seen, lines = [], []
 
     def answer_fn(frames, text):
@@ -224,14 +225,44 @@ def test_run_asks_every_question_about_its_frames(tmp_path):
         return _fake_answer(by_prompt[text])
 
     results = mcqa.run(questions, answer_fn, root, video.uniform(4), lines.append)
-    assert seen == [mcqa.prompt(q.question, q.options) for q in questions]
-    assert results.summary["accuracy"] == 0.5 and results.summary["by_task_type"]["count"]["accuracy"] == 0.75
-    assert [r.correct for r in results.records] == [i in RIGHT for i in range(10)]
+    assert sorted(seen) == sorted(by_prompt)   # each asked once, with lmms-eval's MLVU prompt
+    # lmms-eval's MLVU extraction: a letter counts, an option's bare text (questions 2 and 5) does not.
+    expected = [i in RIGHT - {2, 5} for i in range(10)]
+    assert [r.correct for r in results.records] == expected
+    assert results.summary["accuracy"] == 0.3 and results.summary["by_task_type"]["count"]["accuracy"] == 0.5
     r8 = results.records[8]
     assert (r8.choice, r8.choice_letter, r8.response, r8.frames) == (None, None, "I cannot tell.", 4)
-    assert len(lines) == 10 and lines[-1].startswith("[10/10] tasks-9 (order): ") and "5/10 right so far" in lines[-1]
+    lines = [line for line in lines if line.startswith("[")]
+    assert len(lines) == 10 and lines[-1].startswith("[10/10] ") and "3/10 right so far" in lines[-1]
     data = json.loads(json.dumps(results.to_json()))
-    assert data["summary"]["correct"] == 5 and data["records"][0]["options"] == list(questions[0].options)
+    assert data["summary"]["correct"] == 3 and data["records"][0]["options"] == list(questions[0].options)
+
+
+def test_run_encodes_each_video_once_and_asks_its_questions_together(tmp_path):
+    questions, root = _synthetic_set(tmp_path)
+    by_video = {}
+    for i, q in enumerate(questions):
+        by_video.setdefault(mcqa.resolve_video(q, root), []).append(i)
+    assert max(len(v) for v in by_video.values()) > 1       # some video has several questions
+    by_prompt = {lmms_tasks.prompt_for(q): q for q in questions}
+    encoded, asked = [], []
+
+    def encode(frames):
+        encoded.append(len(frames))
+        return [("handle", f.sum()) for f in frames]
+
+    def answer(pairs):
+        asked.append(len(pairs))
+        assert all(h[0] == "handle" for h, _ in pairs)
+        return [_fake_answer(by_prompt[p]) for _, p in pairs]
+
+    for batch in (1, 2, 100):
+        encoded.clear(), asked.clear()
+        results = mcqa.run(questions, mcqa.Asker(encode, answer), root, video.uniform(4), batch_videos=batch)
+        assert sum(encoded) == len(by_video) and max(encoded) == min(batch, len(by_video))
+        assert sum(asked) == len(questions) and len(asked) == len(encoded)
+        assert [r.correct for r in results.records] == [i in RIGHT - {2, 5} for i in range(10)]   # order kept
+        assert [r.id for r in results.records] == [q.id for q in questions]
 
 
 def test_missing_videos_are_listed_before_running(tmp_path):

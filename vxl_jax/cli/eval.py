@@ -1,4 +1,4 @@
-"""`vxl eval`: score a checkpoint on multiple-choice video QA (MLVU, Video-MME) or video needle-in-a-haystack."""
+"""`vxl eval`: score a checkpoint on multiple-choice video QA (MLVU, Video-MME, LongVideoBench, LVBench) or video needle-in-a-haystack."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ EPILOG = """examples:
   vxl eval --task mcqa --checkpoint CKPT --out runs/mme --data videomme.json --video-root Video-MME/data --frames 128
   vxl eval --task niah --checkpoint CKPT --out runs/niah --lengths 10,20,40 --depths 0,0.25,0.5,0.75,1
 
-mcqa reads MLVU (per-task JSON lists with "candidates" and the answer's text) and Video-MME (records
-with "options" ["A. ...", ...] and a letter answer, flat or nested under "questions"); the layout is
-detected per file. The papers use 256 frames for MLVU and 128 for Video-MME. For niah, --seed (also the
+mcqa reads MLVU (per-task JSON lists with "candidates" and the answer's text, or the HF dev export),
+Video-MME (records with "options" ["A. ...", ...] and a letter answer, flat or nested under "questions"),
+LongVideoBench (lvb_val.json) and LVBench (video_info.meta.jsonl, or flat); the layout is detected per
+file. Those four are prompted and scored as lmms-eval 0.7 does (its prompt text, its letter extraction),
+so accuracies compare with published ones; other files get Video-XL's prompt and a lenient parser. Each
+video is encoded once and all its questions are asked on that encoding (--batch-videos videos per
+batched prefill). The papers use 256 frames for MLVU and 128 for Video-MME. For niah, --seed (also the
 sampling seed) picks the needles and the synthetic haystack: same flags, same videos and questions.
 Writes OUT/results.json (config, summary, one record per question or cell) and, for niah, also
 OUT/niah_heatmap.png."""
@@ -52,13 +56,14 @@ def add_parser(sub) -> None:
                     "--task niah inserts a generated needle frame (a coloured shape) into haystacks of several "
                     "lengths at several depths, asks for the shape's colour, and draws accuracy as a heat map "
                     "(haystack length x needle depth), as in the Video-XL and Video-X2L papers. Answers are read "
-                    "back from free text (a letter, '(B)', 'Answer: B', or an option's text); unparsed ones count "
-                    "wrong. Progress goes to stderr, one line per question or cell.")
+                    "back from free text: Video-MME, MLVU, LongVideoBench and LVBench with lmms-eval's rules, "
+                    "anything else leniently (a letter, '(B)', 'Answer: B', or an option's text); unparsed ones "
+                    "count wrong. Progress goes to stderr, one line per question or cell.")
     p.add_argument("--task", required=True, choices=("mcqa", "niah"), help="what to evaluate")
     p.add_argument("--checkpoint", required=True, help="HF Video-XL folder or vxl_jax folder (with tokenizer files)")
     p.add_argument("--out", required=True, help="output folder for results.json (and niah_heatmap.png)")
 
-    g = p.add_argument_group("mcqa (MLVU, Video-MME)")
+    g = p.add_argument_group("mcqa (MLVU, Video-MME, LongVideoBench, LVBench)")
     g.add_argument("--data", help="annotation JSON file, or a folder of them (MLVU's json/)")
     g.add_argument("--video-root", help="folder the records' videos are relative to (default: the --data folder); "
                                         "MLVU's per-task subfolders are looked in too")
@@ -68,6 +73,10 @@ def add_parser(sub) -> None:
     frames.add_argument("--fps", type=float, default=None, help="sample at this rate instead, capped at --max-frames")
     g.add_argument("--max-frames", type=int, default=256, help="cap for --fps sampling (default 256)")
     g.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    g.add_argument("--batch-videos", type=int, default=1,
+                   help="videos encoded in one batched prefill (their questions answered as one batch); each "
+                        "video is encoded once whatever this is, and every question about it reuses that "
+                        "encoding (default 1; raise it on a GPU, where a batch costs little more than one video)")
 
     d = niah.NiahSpec()
     g = p.add_argument_group("niah (video needle in a haystack)")
@@ -89,13 +98,16 @@ def add_parser(sub) -> None:
 def _check_task_flags(args: argparse.Namespace) -> None:
     if args.task == "mcqa":
         if not args.data:
-            raise ValueError("--task mcqa needs --data (an MLVU or Video-MME annotation JSON file or folder)")
+            raise ValueError("--task mcqa needs --data (an MLVU, Video-MME, LongVideoBench or LVBench annotation "
+                             "file or folder)")
         if args.haystack:
             raise ValueError("--haystack is for --task niah")
         if args.frames is not None and args.frames < 1:
             raise ValueError(f"--frames must be >= 1, got {args.frames}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.batch_videos < 1:
+            raise ValueError(f"--batch-videos must be >= 1, got {args.batch_videos}")
     else:
         for flag in ("data", "video_root", "frames", "fps", "limit"):
             if getattr(args, flag) is not None:
@@ -150,9 +162,15 @@ def _run(args: argparse.Namespace) -> int:
     def answer_fn(frames, text: str):
         return answerer.ask_frames(frames, text, **options)   # records keep its details (X2L's selection)
 
+    # mcqa: each video encoded once (batch_videos at a time), all its questions asked on that encoding.
+    encode_options = {k: options[k] for k in ("ratio", "schedule", "x2l", "seed")}
+    answer_options_ = {k: options[k] for k in ("max_new_tokens", "decoding", "seed")}
+    asker = mcqa.Asker(lambda frames: answerer.encode_many(frames, **encode_options),
+                       lambda pairs: answerer.answer(pairs, **answer_options_))
+
     config = _config(args, options)
     if args.task == "mcqa":
-        results = mcqa.run(questions, answer_fn, root, sampling, progress)
+        results = mcqa.run(questions, asker, root, sampling, progress, batch_videos=args.batch_videos)
         payload = {"task": "mcqa", "config": config, **results.to_json()}
         summary = results.summary
         for task_type, row in summary["by_task_type"].items():
