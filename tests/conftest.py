@@ -1,12 +1,23 @@
 """Shared test set-up: float32 with exact matmuls, and where the golden fixtures live."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# `vxl` commands run by the tests (in process and in subprocesses) share one persistent compilation cache that
+# lives as long as the session, not the user's ~/.cache/vxl_jax (hermetic, and a later subprocess reuses the
+# programs an earlier one compiled).
+if "VXL_COMPILATION_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="vxl_test_jax_cache_")
+    os.environ["VXL_COMPILATION_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -48,3 +48,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert vxl(["convert", "jax-to-hf", str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
     assert "is not a vxl_jax checkpoint" in capsys.readouterr().err
+
+
+def test_infer_answers_about_an_image_and_names_a_file_that_is_neither(tmp_path, capsys):
+    """An image is a one-frame video; the global --compilation-cache flag puts the compiled programs there."""
+    from PIL import Image
+
+    from vxl_jax.data.synthetic import synthetic_video
+
+    assert vxl(["tiny-model", str(tmp_path / "m")]) == 0
+    Image.fromarray(synthetic_video(1, 96, seed=2)[0][:80]).save(tmp_path / "photo.png")
+    cache = tmp_path / "cache"
+    argv = ["infer", "--checkpoint", str(tmp_path / "m"), "--question", "What is it?", "--frames", "4",
+            "--max-new-tokens", "3"]
+    capsys.readouterr()
+    assert vxl(["--compilation-cache", str(cache)] + argv + ["--video", str(tmp_path / "photo.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "read 1 of 1 frames" in err and "compressed 1 frames" in err and out.strip()
+    assert any(cache.iterdir())
+    (tmp_path / "notes.txt").write_text("not a video\n" * 20)
+    assert vxl(["--compilation-cache", "off"] + argv + ["--video", str(tmp_path / "notes.txt")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read video {tmp_path / 'notes.txt'}: neither a video decord can read nor an image" in err

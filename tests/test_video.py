@@ -44,8 +44,8 @@ def test_read_gives_the_sampled_frames_and_times(clip30):
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("missing", "no such file"), ("empty", "empty"), ("truncated", "not a readable video"),
-    ("junk", "not a readable video"), ("directory", "is a directory")])
+    ("missing", "no such file"), ("empty", "empty"), ("truncated", "neither a video decord can read nor an image"),
+    ("junk", "neither a video decord can read nor an image"), ("directory", "is a directory")])
 def test_bad_files_raise_naming_the_file(clip30, tmp_path, damage, reason):
     path = tmp_path / f"{damage}.mp4"
     data = open(clip30[0], "rb").read()
@@ -83,3 +83,52 @@ def test_images_are_read_with_pyav(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(video.VideoError, match="bad.png"):
         records.read_image(str(tmp_path / "bad.png"))
+
+
+def _png(path, pixels, **save):
+    from PIL import Image
+    Image.fromarray(pixels).save(path, **save)
+    return str(path)
+
+
+def test_an_image_is_a_one_frame_clip(clip30, tmp_path):
+    pixels = synthetic_video(1, 64, seed=5)[0][:48]               # 48 x 64, not square
+    for sampling in (video.uniform(8), video.by_fps(2.0, 16)):   # one frame, whatever the sampling asks
+        clip = video.read(_png(tmp_path / "photo.png", pixels), sampling)
+        assert clip.is_image and clip.frames.dtype == np.uint8 and clip.frames.shape == (1, 48, 64, 3)
+        np.testing.assert_array_equal(clip.frames[0], pixels)    # PNG is lossless
+        assert clip.indices.tolist() == [0] and clip.timestamps.tolist() == [0.0]
+        assert clip.total_frames == 1 and clip.avg_fps == 0.0 and clip.path == str(tmp_path / "photo.png")
+    # grey and RGBA images become RGB; JPEG decodes as Pillow decodes it (the original's image loader)
+    grey = video.read(_png(tmp_path / "grey.png", pixels[..., 0]), video.uniform(4)).frames[0]
+    np.testing.assert_array_equal(grey, np.repeat(pixels[..., :1], 3, axis=-1))
+    rgba = np.concatenate([pixels, np.full((48, 64, 1), 128, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(video.read(_png(tmp_path / "a.png", rgba), video.uniform(4)).frames[0], pixels)
+    from PIL import Image
+    jpg = video.read(_png(tmp_path / "photo.jpg", pixels, quality=95), video.uniform(4))
+    assert jpg.is_image
+    np.testing.assert_array_equal(jpg.frames[0], np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB")))
+    assert not video.read(clip30[0], video.uniform(2)).is_image
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+    pixels = synthetic_video(1, 64, seed=6)[0][:32]               # 32 x 64
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # "rotate 90 degrees clockwise to display"
+    clip = video.read(_png(tmp_path / "phone.jpg", pixels, exif=exif, quality=95), video.uniform(1))
+    assert clip.frames.shape == (1, 64, 32, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"What color is the square?\n" * 20, "neither a video decord can read nor an image"),
+    (None, "neither a video decord can read nor a readable image: a PNG image whose decoding failed")])
+def test_files_that_are_neither_a_video_nor_an_image_raise_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / ("notes.txt" if content else "cut.png")
+    if content is None:                                           # a truncated PNG: Pillow knows it, cannot decode it
+        data = open(_png(tmp_path / "full.png", synthetic_video(1, 64, seed=7)[0]), "rb").read()
+        content = data[:len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(video.VideoError, match=reason) as info:
+        video.read(path, video.uniform(4))
+    assert str(info.value).startswith(f"cannot read video {path}: ") and info.value.path == str(path)

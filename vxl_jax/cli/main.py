@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from vxl_jax.cli import convert, demo, eval, fixture_check, infer, tiny_clip, tiny_model, train
+from vxl_jax.cli.util import COMPILATION_CACHE_ENV, compilation_cache, resolve_compilation_cache
 
 COMMANDS = (convert, tiny_model, tiny_clip, demo, infer, eval, train, fixture_check)
 
@@ -14,7 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vxl",
         description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, evaluate (multiple-choice QA, needle in a haystack), train, check parity with golden cases.",
-        epilog="Run `vxl COMMAND --help` for a command's options.")
+        epilog="Run `vxl COMMAND --help` for a command's options. Compiled programs are kept in a persistent "
+               "cache, so a second run of a command does not compile them again: by default in "
+               "${XDG_CACHE_HOME:-~/.cache}/vxl_jax/jax_cache; move it with --compilation-cache DIR or "
+               f"${COMPILATION_CACHE_ENV}=DIR, turn it off with the value off (or 0); delete the folder to "
+               "empty it.")
+    parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
+                        help=f"folder of JAX's persistent compilation cache, or off (default: ${COMPILATION_CACHE_ENV}, "
+                             "else $JAX_COMPILATION_CACHE_DIR, else ${XDG_CACHE_HOME:-~/.cache}/vxl_jax/jax_cache)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
@@ -24,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        # Every command (and the `vxl` processes it starts, e.g. the demo's training) reads and writes compiled
+        # programs in one persistent cache; restored afterwards, for callers of main() in a longer process.
+        with compilation_cache(resolve_compilation_cache(args.compilation_cache)):
+            return args.run(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

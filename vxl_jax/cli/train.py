@@ -51,6 +51,10 @@ def run(args) -> int:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     cfg = TrainConfig.load(args.config, args.overrides)     # config errors before any device work
+    import jax
+    # `vxl` (cli/main.py) set it for every process of the run; jax writes new entries from process 0 only.
+    logger.info("persistent compilation cache: %s", jax.config.jax_compilation_cache_dir
+                if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir else "off")
     parallel.initialize(args.coordinator, args.num_processes, args.process_id)
     from vxl_jax.train import loop
     result = loop.run(cfg, args.workdir, progress=not args.quiet, stdout=not args.quiet)

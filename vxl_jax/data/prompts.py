@@ -53,7 +53,6 @@ def load_tokenizer(checkpoint_dir: str):
     import warnings
 
     with _LOAD_LOCK:
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         # AutoTokenizer also reads config.json, whose `llava_qwen` type transformers does not know: it only warns.
         verbosity = hf_logging.get_verbosity()
@@ -61,6 +60,13 @@ def load_tokenizer(checkpoint_dir: str):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
+                if os.path.isfile(os.path.join(checkpoint_dir, "tokenizer.json")):
+                    # The fast tokenizer straight from tokenizer.json (+ tokenizer_config.json: special tokens, chat
+                    # template): the same ids as AutoTokenizer's Qwen2 class, without AutoTokenizer's config
+                    # machinery, which imports torch (~1.8 s of every `vxl infer` process).
+                    from transformers import PreTrainedTokenizerFast
+                    return PreTrainedTokenizerFast.from_pretrained(checkpoint_dir, local_files_only=True)
+                from transformers import AutoTokenizer
                 return AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -8,15 +8,23 @@ Two ways to pick frames:
   average rate, falling back to `uniform(max_frames)` for long videos, so the
   frame count is bounded.
 
+An image file (anything Pillow opens: png, jpg, webp, bmp, gif, ...) that
+decord cannot read is a one-frame clip, whatever the sampling asks for:
+its pixels (EXIF orientation applied, converted to RGB; the first frame of
+an animated image), index 0, time 0 s, `total_frames` 1, `avg_fps` 0 (no
+frame rate) and `is_image` set.
+
 Anything that stops a file from giving frames (missing, empty, corrupt,
-truncated, unreadable frames) raises `VideoError` naming the file and the
-reason; nothing is replaced by a neighbour's frames.
+truncated, unreadable frames, neither a video nor an image) raises
+`VideoError` naming the file and the reason; nothing is replaced by a
+neighbour's frames.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Optional, Union
 
 import numpy as np
@@ -83,12 +91,13 @@ class Clip:
     indices: np.ndarray      # int64 [N], frame numbers in the file
     timestamps: np.ndarray   # float64 [N], seconds from the start
     total_frames: int
-    avg_fps: float
+    avg_fps: float           # 0.0 for an image
     path: str
+    is_image: bool = False   # read from an image file: one frame
 
 
 def read(path: Union[str, os.PathLike], sampling: Sampling, *, num_threads: int = 1) -> Clip:
-    """Decodes the sampled frames of `path`; raises VideoError on any failure."""
+    """Decodes the sampled frames of `path` (an image file: its one frame); raises VideoError on any failure."""
     import decord  # imported here: decord starts threads, and worker processes import this module
 
     path = os.fspath(path)
@@ -101,7 +110,7 @@ def read(path: Union[str, os.PathLike], sampling: Sampling, *, num_threads: int 
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
     except Exception as e:  # decord raises DECORDError / RuntimeError with ffmpeg's words
-        raise VideoError(path, f"not a readable video ({_first_line(e)})") from None
+        return _image_or_error(path, f"decord: {_first_line(e)}")      # decord reads no still images
     total = len(reader)
     if total == 0:
         raise VideoError(path, "the video has no frames")
@@ -111,16 +120,53 @@ def read(path: Union[str, os.PathLike], sampling: Sampling, *, num_threads: int 
         frames = reader.get_batch(idx.tolist()).asnumpy()
         times = np.asarray(reader.get_frame_timestamp(idx.tolist()), np.float64).reshape(len(idx), 2)[:, 0]
     except Exception as e:
-        raise VideoError(path, f"decoding frames {idx.min()}..{idx.max()} of {total} failed ({_first_line(e)}); "
-                               "the file may be truncated") from None
+        # ffmpeg opens some other files as one-frame "videos" (a text file is tty art) that then fail here.
+        return _image_or_error(path, f"decoding frames {idx.min()}..{idx.max()} of {total} failed "
+                                     f"({_first_line(e)}); a video file may be truncated")
     if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
         raise VideoError(path, f"decoded an unexpected array of shape {frames.shape}")
     return Clip(frames, idx, times, total, avg_fps, path)
 
 
+def read_image(path: Union[str, os.PathLike]) -> Optional[Clip]:
+    """An image file as a one-frame clip (see the module doc); None when Pillow does not know it as an image.
+
+    Raises VideoError for a file Pillow identifies as an image but cannot decode (truncated, corrupt, too large).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = os.fspath(path)
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise VideoError(path, f"an image too large to decode safely ({_first_line(e)})") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    with image:
+        kind = image.format or "image"
+        try:
+            image.seek(0)       # the first frame of an animated image
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            frames = np.asarray(rgb, np.uint8)[None]
+        except Exception as e:  # truncated or corrupt data, an unsupported mode
+            raise VideoError(path, f"neither a video decord can read nor a readable image: a {kind} image whose "
+                                   f"decoding failed ({_first_line(e)})") from None
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise VideoError(path, f"decoded a {kind} image of unexpected shape {frames.shape[1:]}")
+    return Clip(frames, np.zeros(1, np.int64), np.zeros(1, np.float64), 1, 0.0, path, is_image=True)
+
+
+def _image_or_error(path: str, video_reason: str) -> Clip:
+    clip = read_image(path)
+    if clip is None:
+        raise VideoError(path, f"neither a video decord can read nor an image ({video_reason})")
+    return clip
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    # decord's messages start with "[hh:mm:ss] /its/source.cc:123: ": the reason is what follows
+    return re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", text[0])[:200] if text else type(e).__name__
 
 
 def write_test_video(path: Union[str, os.PathLike], frames: np.ndarray, fps: int = 8) -> str:
