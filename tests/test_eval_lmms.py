@@ -250,7 +250,7 @@ def test_a_folder_reads_json_and_jsonl(tmp_path):
     ([{**LVBENCH_QA, "video_path": "v.mp4", "question": "No options here?"}],
      "record 0: the question has no '\\(A\\) ...' option"),
     ([{**LVBENCH_QA, "key": "v", "answer": "E"}], "record 0: 'answer' should be one of the letters ABCD"),
-    ([LVBENCH_QA], "record 0: needs 'video_path' or 'key'"),
+    ([LVBENCH_QA], "record 0: needs 'video_path', 'video' or 'key'"),
     ([{**LVBENCH_VIDEO, "qa": [LVBENCH_QA, "oops"]}], "record 0, question 1: expected an object"),
     ([{**MLVU_DEV, "answer": "a car stops"}], "record 0: 'answer' should be one of the letters"),
 ])
@@ -263,3 +263,27 @@ def test_broken_json_lines_name_the_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(LVBENCH_VIDEO) + "\n{oops\n")
     with pytest.raises(FormatError, match="bad.jsonl: line 2: not valid JSON"):
         mcqa.load(str(tmp_path / "bad.jsonl"))
+
+
+def test_lvbench_with_lettered_candidates(tmp_path):
+    """LVBench's candidates layout: options already lettered "(A) ...", the answer one of them (or its letter),
+    question_type a list; not MLVU (whose candidates are bare texts and question_type a string)."""
+    base = {"video": "abcdEFGH123.mp4", "question": "What year is shown on the sign?",
+            "candidates": ["(A) 2010", "(B) 2012", "(C) 2014", "(D) 2016"], "answer": "(C) 2014",
+            "question_type": ["key information retrieval"]}
+    records = [base, {**base, "answer": "C"}, {**base, "answer": "2014"},
+               {**base, "question_type": "key information retrieval"},                     # lettered is enough
+               {**base, "question": base["question"] + "\n(A) 2010\n(B) 2012\n(C) 2014\n(D) 2016"}]
+    assert all(mcqa.detect_layout(r) == "lvbench" for r in records)
+    assert mcqa.detect_layout({**base, "candidates": ["2010", "2012"], "answer": "2012",
+                               "question_type": "count"}) == "mlvu"
+    questions = mcqa.load(_write(tmp_path / "lvbench_candidates.json", records))
+    expected = ("What year is shown on the sign?\n(A) 2010\n(B) 2012\n(C) 2014\n(D) 2016"
+                "\nAnswer the question with the option letter")
+    for q in questions:
+        assert (q.benchmark, q.options, q.answer_index, q.video) == ("lvbench", ("2010", "2012", "2014", "2016"),
+                                                                    2, "abcdEFGH123.mp4")
+        assert lmms_tasks.prompt_for(q) == expected
+        assert lmms_tasks.choice_for(q, "C. (c)(b)(d)(a).") == 2
+    with pytest.raises(FormatError, match="'answer' should be one of the letters"):
+        mcqa.load(_write(tmp_path / "bad.json", [{**base, "answer": "(E) 2018"}]))

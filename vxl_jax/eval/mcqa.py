@@ -26,7 +26,9 @@ Layouts read (detected per file from its first record; a file is a JSON list, or
   "type", "video_info" and a "qa" list of {uid, question (options appended as "(A) text" lines),
   answer (a letter), question_type (a list of abilities), time_reference}.
 - LVBench flat (`lmms-lab/LVBench` as JSON): one record per question with those qa fields and
-  "video_path" (and, in some exports, the options apart in "options").
+  "video_path" (and, in some exports, the options apart in "options"), or with "candidates" already
+  lettered ["(A) text", ...], "answer" one of them (or its letter or text) and "video"; told from MLVU
+  by the lettered candidates or the list question_type.
 
 Anything malformed raises `FormatError` naming the file and the record.
 
@@ -194,7 +196,12 @@ def detect_layout(record: object, path: str = "<data>") -> str:
     if "correct_choice" in record or "option0" in record or ("candidates" in record and "video_path" in record):
         return "longvideobench"
     if "candidates" in record:
-        return "mlvu"
+        # LVBench's layout with candidates: already lettered "(A) ...", question_type a list; MLVU's are bare texts.
+        cands = record["candidates"]
+        lettered = isinstance(cands, list) and bool(cands) and "video_name" not in record and all(
+            isinstance(c, str) and (m := _OPTION_LINE.match(c.strip())) and m[1] == LETTERS[k]
+            for k, c in enumerate(cands))
+        return "lvbench" if lettered or isinstance(record.get("question_type"), list) else "mlvu"
     # Before "options": an LVBench export may carry its options apart, but its question_type is a list.
     if "uid" in record or isinstance(record.get("question_type"), list):
         return "lvbench"
@@ -375,6 +382,17 @@ def _lvbench_question(qa: dict, video_name: str, duration: Optional[float], wher
     if "options" in qa:          # options apart: lmms-eval appends them to the question as "(A) text" lines
         raw = _text_list(qa, "options", where)
         stem, options = text, [o.strip() for o in raw]
+    elif "candidates" in qa:     # lettered candidates "(A) text": the same lines, the letters already on
+        cands = _text_list(qa, "candidates", where)
+        options = list(_strip_letters(cands, where))
+        stem, embedded = _embedded_options(text)
+        raw = [] if embedded == options else options    # a question that embeds them already is kept as it is
+        stem = stem if embedded == options else text
+        answer = _field(qa, "answer", str, where).strip()
+        if answer in (c.strip() for c in cands) or answer in options:   # "answer" is one of the candidates
+            index = [c.strip() for c in cands].index(answer) if answer in (c.strip() for c in cands) \
+                else options.index(answer)
+            qa = {**qa, "answer": LETTERS[index]}
     else:
         raw = []
         stem, options = _embedded_options(text)
@@ -403,9 +421,9 @@ def _lvbench_seconds(record: dict) -> Optional[float]:
 
 def _lvbench(record: dict, i: int, path: str) -> list[Question]:
     where = f"{path}: record {i}"
-    name = record.get("video_path", record.get("key"))
+    name = record.get("video_path", record.get("video", record.get("key")))
     if not isinstance(name, str) or not name:
-        raise FormatError(f"{where}: needs 'video_path' or 'key' naming the video (keys: {sorted(record)})")
+        raise FormatError(f"{where}: needs 'video_path', 'video' or 'key' naming the video (keys: {sorted(record)})")
     if "video_path" not in record and not name.lower().endswith(VIDEO_EXTENSIONS):
         name += ".mp4"
     return [_lvbench_question(record, name, _lvbench_seconds(record), where, path, f"{i}")]
