@@ -122,3 +122,18 @@ def test_two_processes_train_together(env, tmp_path):
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]   # one iterator state per process
     config = json.loads((tmp_path / "export_hf" / "config.json").read_text())
     assert config["model_type"] == "llava_qwen"
+
+
+@pytest.mark.slow  # 60 s: its own compile (another learning rate)
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(env, tmp_path):
+    """An absurd learning rate blows the model up: the non-finite steps are skipped and counted, and the run
+    stops with a clear error after step.max_bad_steps of them in a row."""
+    proc = _train(env, tmp_path, "max_steps=10", "optim.learning_rate=1e30", "step.max_bad_steps=2",
+                  "print_every=1", wait=False)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-4000:]
+    assert "vxl train: error: 2 steps in a row" in err and "not finite, update skipped" in err
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows and rows[0]["steps_skipped"] == 0
+    skipped = [r["steps_skipped"] for r in rows]
+    assert skipped == sorted(skipped) and all(b - a <= 1 for a, b in zip(skipped, skipped[1:]))

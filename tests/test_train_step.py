@@ -86,6 +86,29 @@ def test_frozen_parameters_do_not_move(model):
     assert frozen and not any(frozen)
     grads_frozen = [g for g, t in zip(jax.tree.leaves(out["grads"]), jax.tree.leaves(trainable)) if not t]
     assert all(not np.any(np.asarray(g)) for g in grads_frozen)
+    assert int(out["skipped"]) == 0
+
+
+def test_a_step_with_a_non_finite_loss_changes_nothing_but_the_counter(model):
+    cfg, params = model
+    ocfg = optim.OptimConfig(learning_rate=1e-2)
+    prepared = batch_lib.prepare(make_batch(cfg, rows=2), cfg, (2, 4))
+    tx = optim.build(ocfg, params, 10)
+    step = step_lib.jit_step(step_lib.make_step(cfg, tx, optim.trainable_mask(ocfg, params), step_lib.StepSettings()))
+    host = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), tree)  # noqa: E731
+    state, out = step(step_lib.init_state(jax.tree.map(jnp.asarray, params), tx), prepared.inputs,
+                      spec=prepared.spec)
+    assert int(out["skipped"]) == 0 and np.isfinite(float(out["loss"]))
+    poisoned = host(state.params)
+    poisoned["projector"]["fc1"]["bias"][0] = np.nan                         # the forward is NaN from here on
+    before = step_lib.TrainState(state.step, jax.tree.map(jnp.asarray, poisoned), state.opt_state, state.rng)
+    kept_params, kept_opt, kept_step = host(before.params), host(before.opt_state), int(before.step)
+    after, out = step(before, prepared.inputs, spec=prepared.spec)            # `before` is donated
+    assert int(out["skipped"]) == 1 and not np.isfinite(float(out["loss"]))
+    assert int(after.step) == kept_step + 1
+    same = lambda a, b: np.array_equal(np.asarray(a), b, equal_nan=True)  # noqa: E731
+    assert all(jax.tree.leaves(jax.tree.map(same, after.params, kept_params)))
+    assert all(jax.tree.leaves(jax.tree.map(same, after.opt_state, kept_opt)))
 
 
 def test_rules_table_falls_back_to_replication_when_a_dim_does_not_divide():

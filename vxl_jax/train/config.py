@@ -112,9 +112,9 @@ class TrainConfig:
         from vxl_jax.train.step import DTYPES
         bad = [f"{k}={getattr(settings, k)!r}" for k in ("remat_layer", "remat_window")
                if getattr(settings, k) not in REMAT_POLICIES]
-        if bad or settings.dtype not in DTYPES or settings.accum_steps < 1:
+        if bad or settings.dtype not in DTYPES or settings.accum_steps < 1 or settings.max_bad_steps < 1:
             raise ValueError(f"invalid step settings {bad or settings}: remat policies are {list(REMAT_POLICIES)}, "
-                             f"dtypes {list(DTYPES)}, accum_steps >= 1")
+                             f"dtypes {list(DTYPES)}, accum_steps >= 1, max_bad_steps >= 1")
         return settings
 
     def synthetic_spec(self) -> SyntheticSpec:

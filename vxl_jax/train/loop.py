@@ -155,6 +155,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         bar = tqdm.tqdm(total=cfg.max_steps, initial=start, disable=not (progress and leader), unit="step",
                         dynamic_ncols=True)
         last_loss, stopped = None, False
+        bad_in_a_row, bad_total = 0, 0
         try:
             with _StopFlag() as stop:
                 step = start
@@ -169,6 +170,19 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     t2 = time.perf_counter()
                     step += 1
                     last_loss = float(out["loss"])
+                    if int(out.pop("skipped")):
+                        bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                        log.warning("step %d: loss %s, gradient norm %s: not finite, update skipped (%d in a row)",
+                                    step, out["loss"], out["grad_norm"], bad_in_a_row)
+                        if bad_in_a_row >= settings.max_bad_steps:
+                            raise NonFiniteError(
+                                f"{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
+                                f"norm, so none of them updated the model (nothing was saved for them; the "
+                                f"checkpoints hold earlier states). Lower the learning rate, check the data, or "
+                                f"raise step.max_bad_steps ({settings.max_bad_steps})")
+                    else:
+                        bad_in_a_row = 0
+                    out["steps_skipped"] = bad_total
                     log_now = step % cfg.log_every == 0 or step == cfg.max_steps
                     print_now = stdout and leader and (step % cfg.print_every == 0 or step == cfg.max_steps)
                     if log_now or print_now:
@@ -205,6 +219,11 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         mgr.close()
         del iterator
     return RunResult(start, int(state.step), last_loss, stopped, export_dir)
+
+
+class NonFiniteError(ValueError):
+    """Too many consecutive training steps with a non-finite loss or gradient norm (a ValueError: the CLI
+    reports it as `vxl train: error: ...` and exits 1)."""
 
 
 def _data_metrics(iterator) -> dict:

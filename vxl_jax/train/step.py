@@ -12,6 +12,10 @@ Trainer averages per-micro-batch means instead). Micro-batch a takes rows
 a, a + accum, ...: with the batch sharded over devices, every device keeps
 working on its own rows.
 
+A step whose loss or gradient norm is not finite changes nothing but the
+step counter and the PRNG key (metrics["skipped"] = 1); `train.loop` counts
+them and stops after `max_bad_steps` in a row.
+
 Frozen parameters (`optim.trainable_mask`) enter the forward through
 `stop_gradient`, so no backward pass is spent on them (stage 1 never
 differentiates the vision tower).
@@ -53,6 +57,7 @@ class StepSettings:
     dtype: str = "float32"          # compute dtype; parameters and optimizer state stay float32
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
     remat_window: str = "full"      # per compression window (the scan body): keep only the carried memory
+    max_bad_steps: int = 10         # consecutive steps with a non-finite loss or gradient norm before the run stops
     pixel_mean: tuple[float, ...] = PIXEL_NORM_U8[0]   # on uint8 pixels
     pixel_std: tuple[float, ...] = PIXEL_NORM_U8[1]
 
@@ -108,8 +113,15 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = ce_sum / denom, optim.global_norm(grads)
+        # A non-finite loss or gradient norm skips the update: parameters and optimizer state stay as they were
+        # (the step counter and the data move on; the loop counts and stops after max_bad_steps in a row).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        metrics = {"loss": ce_sum / denom, "grad_norm": optim.global_norm(grads), "target_tokens": count}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count,
+                   "skipped": (~finite).astype(jnp.int32)}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         if return_grads:
