@@ -9,7 +9,9 @@ Each step directory holds two items:
             counts continue exactly
 
 Restoring both gives the same future as the run that was interrupted (bitwise
-on CPU; see tests/test_train_loop.py).
+on CPU; see tests/test_train_loop.py). A latest checkpoint that cannot be read
+(corrupt, half-written) makes `restore` fall back to the one before, with a
+warning.
 """
 
 from __future__ import annotations
@@ -42,11 +44,29 @@ def save(mgr: ocp.CheckpointManager, step: int, state, iterator) -> None:
 
 
 def restore(mgr: ocp.CheckpointManager, state_like, iterator, step: Optional[int] = None):
-    """Restores `step` (default: the latest) into the structure and shardings of `state_like`."""
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+    """Restores `step` into the structure and shardings of `state_like` (and the iterator's position).
+
+    Default: the latest step, and if it cannot be read (a corrupt or half-written file), the one before it, and
+    so on, with a warning per checkpoint passed over; a ValueError when none can be read.
+    """
+    steps = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_like)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    data=grain.checkpoint.CheckpointRestore(iterator)))
-    return out["state"]
+    failed = []
+    for s in steps:
+        try:
+            out = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                          data=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as e:  # orbax / tensorstore raise many kinds for a damaged file
+            if step is not None:
+                raise
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            log.warning("checkpoint %d in %s cannot be restored (%s); falling back to the one before", s,
+                        mgr.directory, reason)
+            failed.append(f"{s}: {reason}")
+            continue
+        if failed:
+            log.warning("resumed from checkpoint %d after %d unreadable newer one(s)", s, len(failed))
+        return out["state"]
+    raise ValueError(f"none of the checkpoints in {mgr.directory} can be restored: " + "; ".join(failed))
