@@ -27,12 +27,12 @@ import numpy as np
 
 from vxl_jax import pipeline
 from vxl_jax.compress import schedules
+from vxl_jax.compress.memory import Memory
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8, generation_eos_ids, load_model
 from vxl_jax.data import preprocess, prompts, video
 from vxl_jax.generate import GREEDY, Sampling
 from vxl_jax.model import videoxl
-from vxl_jax.compress.memory import Memory
 from vxl_jax.model.videoxl import IMAGE_TOKEN_INDEX, split_prompt
 from vxl_jax.x2l import runner as x2l_runner
 from vxl_jax.x2l.oracles import Query

@@ -186,6 +186,16 @@ def answer_buffer_size(entries: int, suffix: int, max_new_tokens: int, buckets: 
     return buckets.text(entries) + buckets.text(suffix) + max_new_tokens
 
 
+def pad_questions(suffixes: Sequence[np.ndarray], buckets: Buckets = Buckets()) -> tuple[np.ndarray, np.ndarray]:
+    """Question ids after the video, one per row -> (ids [Q, bucketed length] right-padded, lengths [Q])."""
+    if any(len(s) < 1 for s in suffixes):
+        raise ValueError("each question needs at least one token after the video")
+    ids = np.zeros((len(suffixes), buckets.text(max(len(s) for s in suffixes))), np.int32)
+    for i, s in enumerate(suffixes):
+        ids[i, :len(s)] = s
+    return ids, np.asarray([len(s) for s in suffixes], np.int32)
+
+
 def _ask_prefill(params, cfg: VideoXLConfig, memory: Memory, rows, ids, lengths, *, size: int, dtype):
     """Copies the asked rows into a buffer of `size` slots, appends each row's question: (memory, logits)."""
     def take(c):
@@ -213,19 +223,14 @@ def ask(params: dict, cfg: VideoXLConfig, memory: Memory, rows: Sequence[int], s
         raise ValueError("sampling needs an explicit PRNG key (key=jax.random.key(seed))")
     if len(rows) != len(suffixes) or not len(rows):
         raise ValueError(f"{len(rows)} rows but {len(suffixes)} questions (one row per question, at least one)")
-    if any(len(s) < 1 for s in suffixes):
-        raise ValueError("each question needs at least one token after the video")
+    ids, question_lengths = pad_questions(suffixes, buckets)
     lengths = np.asarray(jax.device_get(memory.length))
     rows = np.asarray(rows, np.int32)
     if rows.min() < 0 or rows.max() >= len(lengths):
         raise ValueError(f"rows {rows.tolist()} outside the {len(lengths)} encoded rows")
-    suffix_pad = buckets.text(max(len(s) for s in suffixes))
-    ids = np.zeros((len(suffixes), suffix_pad), np.int32)
-    for i, s in enumerate(suffixes):
-        ids[i, :len(s)] = s
-    size = answer_buffer_size(int(lengths[rows].max()), suffix_pad, max_new_tokens, buckets)
+    size = answer_buffer_size(int(lengths[rows].max()), ids.shape[1], max_new_tokens, buckets)
     asked, logits = _ask_prefill_jit(params, cfg, memory, jnp.asarray(rows), jnp.asarray(ids),
-                                     jnp.asarray([len(s) for s in suffixes], jnp.int32), size=size, dtype=dtype)
+                                     jnp.asarray(question_lengths), size=size, dtype=dtype)
     gen = generate_jit(params, cfg, asked, logits, key if key is not None else jax.random.key(0),
                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids), pad_id=pad_id,
                        return_logits=return_logits, dtype=dtype)

@@ -23,6 +23,26 @@ import numpy as np
 from vxl_jax.data import video
 
 
+class JsonLineError(ValueError):
+    """A line of a JSON Lines text that is not JSON: its 1-based number and the decoder's error."""
+
+    def __init__(self, line: int, error: json.JSONDecodeError):
+        super().__init__(f"line {line}: not JSON ({error.msg})")
+        self.line, self.error = line, error
+
+
+def json_lines(text: str) -> list:
+    """The values of a JSON Lines text (blank lines skipped); the first bad line raises JsonLineError."""
+    values = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise JsonLineError(n, e) from None
+    return values
+
+
 def load_annotations(path: str) -> list[dict]:
     """Reads a JSON list or a JSONL file; every record must be an object."""
     with open(path) as f:
@@ -31,13 +51,10 @@ def load_annotations(path: str) -> list[dict]:
     if stripped.startswith("["):
         records = json.loads(text)
     else:
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        try:
+            records = json_lines(text)
+        except JsonLineError as e:
+            raise ValueError(f"{path}, line {e.line}: not JSON ({e.error.msg})") from None
     bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
     if bad:
         raise ValueError(f"{path}: records {bad[:5]} are not JSON objects")

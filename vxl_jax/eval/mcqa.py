@@ -54,6 +54,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from vxl_jax.data import video
+from vxl_jax.data.records import JsonLineError, json_lines
 
 LETTERS = string.ascii_uppercase
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -144,14 +145,10 @@ def _read_records(path: str) -> object:
 
 
 def _json_lines(text: str, path: str) -> list:
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}: line {n}: not valid JSON ({e})") from None
-    return records
+    try:
+        return json_lines(text)
+    except JsonLineError as e:
+        raise FormatError(f"{path}: line {e.line}: not valid JSON ({e.error})") from None
 
 
 def load_file(path: str) -> list[Question]:

@@ -26,7 +26,7 @@ from vxl_jax.compress.packing import Buckets
 from vxl_jax.compress.prefill import run_text
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.generate import GREEDY, Generation, Sampling, generate_jit
-from vxl_jax.pipeline import pad_visual
+from vxl_jax.pipeline import answer_buffer_size, pad_questions, pad_visual
 from vxl_jax.x2l import bilevel, merge, oracles
 from vxl_jax.x2l.bilevel import Encoding
 
@@ -124,11 +124,6 @@ class Answered:
     ttft_s: float                 # merge + move + question prefill + first token (wall clock, compiled)
 
 
-def memory_size(entries: int, suffix: int, max_new_tokens: int, buckets: Buckets = Buckets()) -> int:
-    """Slots of a merged memory: its entries and the question padded to buckets, plus the decode budget."""
-    return buckets.text(entries) + buckets.text(suffix) + max_new_tokens
-
-
 def _text_step(params, cfg, memory, ids, lengths, dtype):
     _, memory, logits = run_text(params, cfg, memory, ids, lengths, dtype=dtype)
     return memory, logits, jnp.argmax(logits, axis=-1)
@@ -144,15 +139,9 @@ def answer(params: dict, cfg: VideoXLConfig, enc: Encoding, selected: Sequence[S
     """Merges each row's selection, appends its question text and decodes."""
     if len(selected) != len(suffixes):
         raise ValueError(f"{len(selected)} selections but {len(suffixes)} questions")
-    if any(len(s) < 1 for s in suffixes):
-        raise ValueError("each question needs at least one token after the video")
+    ids, lengths = pad_questions(suffixes, buckets)
     entries = np.asarray([enc.entries(b, s) for b, s in enumerate(selected)])
-    suffix_pad = buckets.text(max(len(s) for s in suffixes))
-    size = memory_size(int(entries.max()), suffix_pad, max_new_tokens, buckets)
-    ids = np.zeros((len(suffixes), suffix_pad), np.int32)
-    for b, s in enumerate(suffixes):
-        ids[b, :len(s)] = s
-    lengths = np.asarray([len(s) for s in suffixes], np.int32)
+    size = answer_buffer_size(int(entries.max()), ids.shape[1], max_new_tokens, buckets)
 
     t0 = time.perf_counter()
     merged = (merge.merge_on_device if enc.device is not None else merge.merge_from_host)(enc, selected, size, cfg.llm.rope_theta)
