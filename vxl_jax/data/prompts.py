@@ -11,6 +11,14 @@ expands it into the video's visual tokens (`videoxl.split_prompt`).
   opening `<|im_start|>` and closing `<|im_end|>` + newline are labelled, as are
   the assistant replies; the role words, system text and user text are -100.
   `label_mode="answer_only"` labels only the replies and their `<|im_end|>`.
+  A user turn with `<image>` is built as the original's training data path
+  builds it (`preprocess_multimodal` then `preprocess_qwen`): a lone
+  placeholder is moved to the front on its own line, the placeholders are
+  followed by a newline token of their own and then by the tokens of the text
+  after them, so `<image>\nQuestion` gives `-200, "\n", "\n", Question`: two
+  newlines where the inference prompt has one (a quirk of the original that
+  training copies by default, README "Quirks"). `placeholder_newline="single"`
+  tokenizes the text as written instead, as the inference prompt does.
 
 Each piece (role word, text between placeholders, reply) is tokenized on its
 own, as the original does, so the ids match it token for token; a test checks
@@ -33,6 +41,7 @@ IMAGE_TOKEN = "<image>"
 SYSTEM_MESSAGE = "You are a helpful assistant."  # the original's qwen_1_5 conversation template
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 LabelMode = Literal["original", "answer_only"]
+PlaceholderNewline = Literal["double", "single"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -118,17 +127,47 @@ def inference_prompt(tokenizer, question: str, *, system: Optional[str] = SYSTEM
 class Encoded:
     input_ids: np.ndarray   # int64 [T], -200 at each placeholder
     labels: np.ndarray      # int64 [T], IGNORE_INDEX where there is no target (aligned, not shifted)
+    reply: Optional[np.ndarray] = None  # bool [T]: the tokens of the assistant replies' text
+
+    def truncated(self, length: int) -> "Encoded":
+        """The first `length` tokens (the original cuts its batches to the tokenizer's model_max_length)."""
+        reply = None if self.reply is None else self.reply[:length]
+        return Encoded(self.input_ids[:length], self.labels[:length], reply)
 
     @property
     def num_images(self) -> int:
         return int((self.input_ids == IMAGE_TOKEN_INDEX).sum())
 
 
+def _user_text(tokenizer, text: str, nl: list[int], placeholder_newline: PlaceholderNewline) -> list[int]:
+    """Ids of a user turn's text (see the module docstring for the two rules)."""
+    n = text.count(IMAGE_TOKEN)
+    if placeholder_newline == "single" or n == 0:
+        return _with_placeholders(tokenizer, text)
+    if n == 1 and not text.startswith(IMAGE_TOKEN):
+        text = (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()  # moved to the front
+    lead = IMAGE_TOKEN * n
+    if not text.startswith(lead):
+        # Placeholders between pieces of text (interleaved images): the original cuts len(lead) characters
+        # off the text whatever they are; the text is kept as written here instead.
+        return _with_placeholders(tokenizer, text)
+    return [IMAGE_TOKEN_INDEX] * n + nl + _tok(tokenizer, text[len(lead):])
+
+
 def encode_conversation(tokenizer, conversations: Sequence[dict], *, system: str = SYSTEM_MESSAGE,
-                        label_mode: LabelMode = "original", chat: Optional[ChatTokens] = None) -> Encoded:
-    """A LLaVA conversation -> ids and labels, turn by turn as the original's Qwen preprocessing."""
+                        label_mode: LabelMode = "original", chat: Optional[ChatTokens] = None,
+                        placeholder_newline: PlaceholderNewline = "double") -> Encoded:
+    """A LLaVA conversation -> ids and labels, turn by turn as the original's Qwen preprocessing.
+
+    placeholder_newline: "double" (default) builds user turns with `<image>` as
+    the original's training preprocessing does (a newline token after the
+    placeholders, then the text after them, which usually starts with its own
+    newline); "single": the text as written, as the inference prompt.
+    """
     if label_mode not in ("original", "answer_only"):
         raise ValueError(f"label_mode is 'original' or 'answer_only', got {label_mode!r}")
+    if placeholder_newline not in ("double", "single"):
+        raise ValueError(f"placeholder_newline is 'double' or 'single', got {placeholder_newline!r}")
     chat = chat or ChatTokens.of(tokenizer)
     turns = list(conversations)
     if turns and ROLES.get(turns[0].get("from")) != "user":
@@ -136,11 +175,13 @@ def encode_conversation(tokenizer, conversations: Sequence[dict], *, system: str
     if not turns:
         raise PromptError("the conversation has no turns")
     nl = list(chat.newline)
-    ids, labels = [], []
+    ids, labels, reply_mask = [], [], []
 
-    def add(piece_ids: list[int], piece_labels: list[int]) -> None:
+    def add(piece_ids: list[int], piece_labels: list[int], reply_tokens: int = 0) -> None:
         ids.extend(piece_ids)
         labels.extend(piece_labels)
+        start = len(piece_ids) - reply_tokens - 1 - len(nl)  # a reply is followed by <|im_end|> and the newline
+        reply_mask.extend(start <= i < start + reply_tokens for i in range(len(piece_ids)))
 
     system_ids = [chat.im_start] + _tok(tokenizer, "system") + nl + _tok(tokenizer, system) + [chat.im_end] + nl
     add(system_ids, _frame(chat, len(system_ids), nl, label_mode))
@@ -151,7 +192,7 @@ def encode_conversation(tokenizer, conversations: Sequence[dict], *, system: str
         value = turn.get("value")
         header = [chat.im_start] + _tok(tokenizer, role) + nl
         if role == "user":
-            body = _with_placeholders(tokenizer, value or "")
+            body = _user_text(tokenizer, value or "", nl, placeholder_newline)
             turn_ids = header + body + [chat.im_end] + nl
             add(turn_ids, _frame(chat, len(turn_ids), nl, label_mode))
         else:
@@ -163,8 +204,8 @@ def encode_conversation(tokenizer, conversations: Sequence[dict], *, system: str
                 turn_labels = [chat.im_start] + [IGNORE_INDEX] * (len(header) - 1) + reply + [chat.im_end] + nl
             else:
                 turn_labels = [IGNORE_INDEX] * len(header) + reply + [chat.im_end] + [IGNORE_INDEX] * len(nl)
-            add(turn_ids, turn_labels)
-    return Encoded(np.asarray(ids, np.int64), np.asarray(labels, np.int64))
+            add(turn_ids, turn_labels, len(reply))
+    return Encoded(np.asarray(ids, np.int64), np.asarray(labels, np.int64), np.asarray(reply_mask, bool))
 
 
 def _frame(chat: ChatTokens, n: int, nl: list[int], label_mode: LabelMode) -> list[int]:
