@@ -77,6 +77,26 @@ def test_batch_of_two_equals_each_alone(model):
         np.testing.assert_allclose(both[1].step_logits[b], alone[1].step_logits[0], atol=1e-5, rtol=0)
 
 
+def test_per_row_ratios_in_one_batch_equal_each_row_alone(model):
+    # instance-random training: rows give a window index different ratios (and different carries).
+    params, cfg = model
+    prompts, feats = _batch_rows(cfg)
+    prompts, feats = prompts + prompts[:1], feats + feats[:1]
+    rows = [schedules.per_window([2, 7, 5, 3, 7]), schedules.fixed(5), schedules.per_window([7, 2, 4, 4, 16])]
+    prepared = pipeline.prepare(cfg, prompts, feats, rows, max_new_tokens=3, ratios=[2, 3, 4, 5, 7, 16])
+    assert prepared.arrays.branch[:3].tolist() == [prepared.spec.ratios.index(r) for r in (2, 2, 4)]
+    kw = dict(max_new_tokens=3, return_logits=True)
+    both = pipeline.run(params, cfg, prepared, **kw)
+    for b in range(3):
+        alone = pipeline.run(params, cfg, pipeline.prepare(cfg, prompts[b:b + 1], feats[b:b + 1], rows[b],
+                                                           max_new_tokens=3), **kw)
+        assert int(both[0].memory.length[b]) == int(alone[0].memory.length[0])
+        for got, want in zip(_row(both[0], b, cfg), _row(alone[0], 0, cfg)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(both[0].last_logits[b], alone[0].last_logits[0], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(both[1].tokens[b], alone[1].tokens[0])
+
+
 def test_prefill_then_decode_equals_a_teacher_forced_pass(model):
     params, cfg = model
     rng = np.random.default_rng(2)
@@ -149,8 +169,8 @@ def test_bad_ratios_fail_before_anything_runs(model):
         pipeline.prepare(cfg, [prompt], [feats], schedules.per_window([2, 4]))
     with pytest.raises(PlanError, match="not in the compiled set"):
         pipeline.prepare(cfg, [prompt], [feats], schedules.fixed(4), ratios=[2, 8])
-    with pytest.raises(PlanError, match="one window index has one ratio"):
-        pipeline.prepare(cfg, [prompt, prompt], [feats, feats], [schedules.fixed(2), schedules.fixed(4)])
+    with pytest.raises(PlanError, match="uncompressed window \\(ratio None\\) cannot share"):
+        pipeline.prepare(cfg, [prompt, prompt], [feats, feats], [schedules.fixed(2), schedules.uncompressed()])
     with pytest.raises(PlanError, match="no text after the video"):
         pipeline.prepare(cfg, [prompt[:11]], [feats], schedules.fixed(4))
 

@@ -10,7 +10,7 @@ import pytest
 from vxl_jax import parallel
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import videoxl
-from vxl_jax.train import batch as batch_lib, optim, step as step_lib
+from vxl_jax.train import batch as batch_lib, loss as loss_lib, optim, step as step_lib
 from vxl_jax.train.config import TrainConfig, apply_overrides
 
 from sharding_worker import make_batch
@@ -67,6 +67,33 @@ def test_accumulation_equals_one_batch(model):
     grad_diff = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a["grads"], b["grads"])))
     assert grad_diff <= 1e-6
     assert int(sa.step) == int(sb.step) == 1
+
+
+@pytest.mark.slow  # ~40 s: two compiles of the loss gradient (the prefill's per-row check is in test_compression)
+def test_per_row_ratios_equal_each_row_alone(model):
+    """instance-random: rows with their own ratios in one step == the rows one by one (loss sum and grads)."""
+    cfg, params = model
+    batch = make_batch(cfg)
+    batch["ratios"][:2] = [[4, 2], [2, 4]]   # row 0 and row 1 disagree on both windows; row 2 is text only
+    batch["ratios"][3, 0] = 4
+    ratios = (2, 4)
+    loss_sum = jax.jit(jax.value_and_grad(lambda p, inputs, spec: loss_lib.loss_terms(p, cfg, inputs, spec=spec).ce_sum),
+                       static_argnums=2)
+    params = jax.tree.map(jnp.asarray, params)
+    whole = batch_lib.prepare(batch, cfg, ratios)
+    assert whole.inputs.plan.branch.tolist() == [0, 0]             # each window runs ratio 2's branch
+    value, grads = loss_sum(params, whole.inputs, whole.spec)
+    rows = [batch_lib.prepare({k: v[b:b + 1] for k, v in batch.items()}, cfg, ratios,
+                              prefix_size=whole.inputs.prefix_targets.shape[1]) for b in range(4)]
+    assert rows[1].inputs.plan.branch.tolist() == [0, 1]
+    per_row = [loss_sum(params, r.inputs, r.spec) for r in rows]
+    np.testing.assert_allclose(float(value), sum(float(v) for v, _ in per_row), rtol=2e-6)
+    summed = jax.tree.map(lambda *g: sum(g), *[g for _, g in per_row])
+    # ||delta|| / ||g|| over tensors with ||g|| > 1e-4 (CLIP's key bias has a zero true gradient: only noise).
+    rel = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(jax.tree.leaves(grads),
+                                                                              jax.tree.leaves(summed))
+           if float(jnp.linalg.norm(b)) > 1e-4]
+    assert len(rel) > 20 and max(rel) < 1e-5
 
 
 def test_frozen_parameters_do_not_move(model):

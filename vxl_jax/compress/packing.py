@@ -120,7 +120,12 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
 
     `ratios` is the branch set compiled in; default: the ratios the plans use.
     Pass a wider set (e.g. every ratio of a random schedule) to keep one
-    compilation across schedules. Within a batch, a window index has one ratio.
+    compilation across schedules. Rows may give a window index different
+    ratios (instance-random training): that window runs the branch of the
+    smallest one, whose VST slots hold every row's VSTs; a row with a larger
+    ratio computes the same values with unused slots (masked) and more raw
+    tokens after its last VST (causally invisible to it). Only an uncompressed
+    window (None) must be uncompressed in every row that has it.
     `prefix_size` / `suffix_size` / `windows` fix the padded sizes instead of
     the buckets' choice (the training loader has already bucketed its batch).
     `require_suffix=False` allows plans without text after the video (Video-X2L
@@ -145,10 +150,12 @@ def pack(plans: Sequence[Plan], prefixes: Sequence[Sequence[int]], suffixes: Seq
     per_window = []
     for w in range(count):
         used = {p.windows[w].ratio for p in plans if w < len(p.windows)}
-        if len(used) != 1:
-            raise PlanError(f"window {w} has ratios {sorted(used, key=str)} across the batch; "
-                            "within a batch one window index has one ratio")
-        per_window.append(used.pop())
+        if None in used and len(used) > 1:
+            raise PlanError(f"window {w} has ratios {sorted(used, key=str)} across the batch; an uncompressed "
+                            "window (ratio None) cannot share a window index with compressed ones")
+        # Rows may differ: the window runs the branch of the smallest ratio (the most VST slots) and each row
+        # places its own VSTs (slots and counts are data), which is what that row alone computes.
+        per_window.append(None if None in used else min(used))
     branch_set = _sort_ratios(check_ratios(ratios) if ratios is not None else per_window)
     missing = sorted({r for r in per_window if r not in branch_set}, key=str)
     if missing:

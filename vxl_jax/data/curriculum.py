@@ -12,10 +12,10 @@ step-random and of (seed, training step, record index) for instance-random,
 computed with numpy's Philox generator keyed by those integers: the same run
 sees the same ratios after a restart, on any number of hosts. Step-random
 draws do not depend on the record, so all rows of a global batch share the
-ratio of each window index; that is what lets one compiled prefill run the
-whole batch with one branch per window (`compress/packing.py`).
-Instance-random rows can differ, so that prefill can only run them one row
-per batch.
+ratio of each window index. Instance-random rows differ; one compiled
+prefill still runs the whole batch: each window runs the branch of its
+smallest ratio and every row places its own VSTs (`compress/packing.py`),
+equal to running the rows one by one.
 
 The paper's schedule, {2, 4} then {2, 4, 8, 12, 16}, is `paper(stage1_steps)`,
 or as a config file `load("curriculum_paper")` (`configs/curriculum_paper.json`).

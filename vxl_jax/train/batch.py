@@ -24,6 +24,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import flax
+import jax
 import numpy as np
 
 from vxl_jax import parallel
@@ -113,8 +114,16 @@ def prepare(batch: dict, cfg: VideoXLConfig, ratios: Sequence[int], *,
 
 
 def to_global(inputs: TrainInputs, mesh) -> TrainInputs:
-    """This process's rows on the mesh: rows over (data, fsdp); the per-window branch [W] replicated."""
+    """This process's rows on the mesh: rows over (data, fsdp); the per-window branch [W] replicated.
+
+    With several processes the branch is agreed on: each window runs the smallest index any process
+    chose, i.e. the smallest ratio (branches are sorted by ratio; no-op last), which holds every row's
+    VSTs (instance-random rows differ across processes as they do within one, `packing.pack`).
+    """
     branch = inputs.plan.branch
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        branch = np.asarray(multihost_utils.process_allgather(np.asarray(branch))).min(axis=0).astype(branch.dtype)
     rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
     branch = parallel.host_to_global(branch, mesh, replicated=True)
     return rows.replace(plan=rows.plan.replace(branch=branch))
