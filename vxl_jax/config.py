@@ -54,6 +54,12 @@ _MM_FIELDS = {
     "mm_spatial_pool_stride": "pool_stride",
     "mm_spatial_pool_mode": "pool_mode",
 }
+# How a still image is preprocessed and merged (data/unires.py); the original's defaults when absent.
+_IMAGE_FIELDS = {
+    "image_aspect_ratio": "aspect_ratio",
+    "image_grid_pinpoints": "grid_pinpoints",
+    "mm_patch_merge_type": "patch_merge_type",
+}
 _CLIP_FIELDS = {
     "hidden_size": "hidden_size",
     "intermediate_size": "intermediate_size",
@@ -211,11 +217,61 @@ class VSTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """How a still image becomes frames (config.json: image_aspect_ratio, image_grid_pinpoints, mm_patch_merge_type).
+
+    "anyres" (or "anyres_max_N") with "unires" and pinpoints: the image is cut into tiles that go through the
+    model as frames (data/unires.py). Anything else: one frame ("pad": on a square of the CLIP mean colour).
+    `grid_pinpoints` keeps config.json's form: a string, or ((w, h), ...) from a list of pairs; None: absent.
+    """
+
+    aspect_ratio: str = "square"
+    grid_pinpoints: str | tuple[tuple[int, int], ...] | None = None
+    patch_merge_type: str = "flat"
+
+    def __post_init__(self):
+        for name in ("aspect_ratio", "patch_merge_type"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"image {name} must be a string, got {getattr(self, name)!r}")
+        pins = self.grid_pinpoints
+        if isinstance(pins, (list, tuple)):
+            bad = [p for p in pins if not isinstance(p, (list, tuple)) or len(p) != 2
+                   or not all(isinstance(v, int) and not isinstance(v, bool) for v in p)]
+            if bad:
+                raise ConfigError(f"image_grid_pinpoints holds {bad[0]!r}, not a [width, height] pair of integers")
+            # tuples: hashable, as the config is a static argument of compiled functions
+            object.__setattr__(self, "grid_pinpoints", tuple((int(w), int(h)) for w, h in pins))
+        elif pins is not None and not isinstance(pins, str):
+            raise ConfigError(f"image_grid_pinpoints must be a list of [width, height] pairs or a string, got {pins!r}")
+
+    @property
+    def anyres(self) -> bool:
+        return self.aspect_ratio == "anyres" or "anyres_max" in self.aspect_ratio
+
+    @property
+    def tiles(self) -> bool:
+        """Whether an image is cut into tiles (anyres + unires, pinpoints given)."""
+        return self.anyres and self.patch_merge_type == "unires" and self.grid_pinpoints is not None
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> "ImageConfig":
+        return cls(**_take(hf, _IMAGE_FIELDS))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        out = {"image_aspect_ratio": self.aspect_ratio, "mm_patch_merge_type": self.patch_merge_type}
+        if self.grid_pinpoints is not None:
+            pins = self.grid_pinpoints
+            out["image_grid_pinpoints"] = pins if isinstance(pins, str) else [list(p) for p in pins]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class VideoXLConfig:
     llm: Qwen2Config
     vision: ClipVisionConfig
     projector: ProjectorConfig
     vst: VSTConfig = VSTConfig()
+    image: ImageConfig = ImageConfig()
     # Name (or relative path) of the vision tower, as in `mm_vision_tower`.
     vision_tower_name: str = "vision_tower"
     # HF keys we do not model, kept verbatim for the round trip.
@@ -231,6 +287,9 @@ class VideoXLConfig:
         n = self.vision.num_layers
         if not -n <= self.projector.select_layer <= n:
             raise ConfigError(f"mm_vision_select_layer {self.projector.select_layer} out of range for {n} layers")
+        doubled = sorted(set(self.extra) & set(_IMAGE_FIELDS))
+        if doubled:
+            raise ConfigError(f"{', '.join(doubled)} belong in `image` (ImageConfig), not in `extra`")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -264,11 +323,12 @@ class VideoXLConfig:
                 vst_kw[k] = tuple(vst_kw[k])
         mm = _take(hf, _MM_FIELDS, required=("mm_hidden_size",))
         vision = ClipVisionConfig.from_hf_config(vision_hf)
-        used = set(_LLM_FIELDS) | set(_VST_FIELDS) | set(_MM_FIELDS) | {"mm_vision_tower"}
+        used = set(_LLM_FIELDS) | set(_VST_FIELDS) | set(_MM_FIELDS) | set(_IMAGE_FIELDS) | {"mm_vision_tower"}
         extra = {k: v for k, v in hf.items() if k not in used}
         vision_extra = {k: v for k, v in vision_hf.items() if k not in _CLIP_FIELDS}
         return cls(llm=llm, vision=vision, projector=ProjectorConfig(**mm), vst=VSTConfig(**vst_kw),
-                   vision_tower_name=tower, extra=extra, vision_extra=vision_extra)
+                   image=ImageConfig.from_hf_config(hf), vision_tower_name=tower, extra=extra,
+                   vision_extra=vision_extra)
 
     def to_hf_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Returns (llava_qwen config.json dict, vision tower config.json dict)."""
@@ -279,6 +339,7 @@ class VideoXLConfig:
             for hf_name, name in fields.items():
                 value = getattr(part, name)
                 out[hf_name] = list(value) if isinstance(value, tuple) else value
+        out.update(self.image.to_hf_config())
         out["mm_vision_tower"] = self.vision_tower_name
         vision = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"]}
         vision.update(self.vision_extra)
@@ -313,10 +374,13 @@ class VideoXLConfig:
         for k in ("ratios", "param"):
             if k in vst:
                 vst[k] = tuple(vst[k])
+        extra = dict(d.get("extra", {}))
+        # Files written before `image` existed keep the image keys in `extra`.
+        image = d.get("image") or {ours: extra.pop(theirs) for theirs, ours in _IMAGE_FIELDS.items() if theirs in extra}
         return cls(llm=Qwen2Config(**d["llm"]), vision=ClipVisionConfig(**d["vision"]),
-                   projector=ProjectorConfig(**d["projector"]), vst=VSTConfig(**vst),
+                   projector=ProjectorConfig(**d["projector"]), vst=VSTConfig(**vst), image=ImageConfig(**image),
                    vision_tower_name=d.get("vision_tower_name", "vision_tower"),
-                   extra=dict(d.get("extra", {})), vision_extra=dict(d.get("vision_extra", {})))
+                   extra=extra, vision_extra=dict(d.get("vision_extra", {})))
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:

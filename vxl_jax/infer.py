@@ -30,7 +30,7 @@ from vxl_jax.compress import schedules
 from vxl_jax.compress.memory import Memory
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8, generation_eos_ids, load_model
-from vxl_jax.data import preprocess, prompts, video
+from vxl_jax.data import preprocess, prompts, unires, video
 from vxl_jax.generate import GREEDY, Sampling
 from vxl_jax.model import videoxl
 from vxl_jax.model.videoxl import IMAGE_TOKEN_INDEX, split_prompt
@@ -129,15 +129,17 @@ class Answerer:
     # ------------------------------------------------------------------------------------------------------
     # Encode once, ask many.
 
-    def encode(self, source: Union[str, np.ndarray], *, sampling: video.Sampling = video.uniform(32),
+    def encode(self, source: Union[str, video.Clip, np.ndarray], *, sampling: video.Sampling = video.uniform(32),
                ratio: Optional[int] = DEFAULT_RATIO, schedule: Optional[schedules.Schedule] = None,
                x2l: Optional[X2LConfig] = None, seed: int = 0, system: Optional[str] = prompts.SYSTEM_MESSAGE,
                progress: Callable[[str], None] = _silent) -> "EncodedVideo":
-        """One video (a file, read with `sampling`, or uint8 frames [F, H, W, 3]) -> its compressed memory."""
+        """One video (a file, read with `sampling`, a `video.Clip`, or uint8 frames [F, H, W, 3]) -> its compressed
+        memory. An image file (or an image Clip) becomes the frames `unires.image_frames` makes of it."""
         return self.encode_many([source], sampling=sampling, ratio=ratio, schedule=schedule, x2l=x2l, seed=seed,
                                 system=system, progress=progress)[0]
 
-    def encode_many(self, sources: Sequence[Union[str, np.ndarray]], *, sampling: video.Sampling = video.uniform(32),
+    def encode_many(self, sources: Sequence[Union[str, video.Clip, np.ndarray]], *,
+                    sampling: video.Sampling = video.uniform(32),
                     ratio: Optional[int] = DEFAULT_RATIO, schedule: Optional[schedules.Schedule] = None,
                     x2l: Optional[X2LConfig] = None, seed: int = 0, system: Optional[str] = prompts.SYSTEM_MESSAGE,
                     progress: Callable[[str], None] = _silent) -> list["EncodedVideo"]:
@@ -150,20 +152,24 @@ class Answerer:
         if not len(sources):
             raise ValueError("encode_many needs at least one video")
         t = time.perf_counter()
-        clips = []
+        clips, images = [], []
         for source in sources:
-            if isinstance(source, (str, os.PathLike)):
+            if isinstance(source, (str, os.PathLike, video.Clip)):
                 t0 = time.perf_counter()
-                clip = video.read(source, sampling)
+                clip = source if isinstance(source, video.Clip) else video.read(source, sampling)
                 progress(f"read {len(clip.indices)} of {clip.total_frames} frames ({clip.avg_fps:.1f} fps, "
-                         f"{clip.frames.shape[2]}x{clip.frames.shape[1]}) from {source} in "
+                         f"{clip.frames.shape[2]}x{clip.frames.shape[1]}) from {clip.path} in "
                          f"{time.perf_counter() - t0:.2f} s")
                 clips.append((clip.frames, clip.indices, clip.timestamps))
+                images.append(clip.is_image)
             else:
                 raw = np.asarray(source)
                 clips.append((raw, np.arange(len(raw)), np.full(len(raw), np.nan)))
+                images.append(False)
         read_s = time.perf_counter() - t
         t = time.perf_counter()
+        clips = [self._image_frames(raw[0], progress) if image else (raw, indices, times)
+                 for (raw, indices, times), image in zip(clips, images)]
         cropped = [preprocess.crop_frames_u8(raw, self.cfg.vision.image_size) for raw, _, _ in clips]
         prefix, _ = split_prompt(prompts.inference_prompt(self.tokenizer, "", system=system))
         prep_s = time.perf_counter() - t
@@ -195,6 +201,16 @@ class Answerer:
                                     memory=memory, row=b))
         progress(f"encoded {len(clips)} video(s) in {seconds['encode'] * len(clips):.2f} s (compile included)")
         return out
+
+    def _image_frames(self, image: np.ndarray, progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An image's (frames, indices, times) for this model: its tiles for anyres + unires (`unires.image_frames`)."""
+        frames = unires.image_frames(image, self.cfg)
+        if self.cfg.image.tiles:
+            height, width = image.shape[:2]
+            cols, rows = unires.grid_shape((width, height), self.cfg.image.grid_pinpoints, self.cfg.vision.image_size)
+            progress(f"unires: the {width}x{height} image is {cols}x{rows} tiles of {self.cfg.vision.image_size} px "
+                     f"({len(frames) * self.cfg.tokens_per_frame} visual tokens)")
+        return frames, np.zeros(len(frames), np.int64), np.zeros(len(frames), np.float64)
 
     def answer(self, pairs: Sequence[tuple["EncodedVideo", str]], *, max_new_tokens: int = 64,
                decoding: Sampling = GREEDY, seed: int = 0, progress: Callable[[str], None] = _silent) -> list[Answer]:

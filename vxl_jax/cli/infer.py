@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
                     "vxl_jax folder; either needs the tokenizer files beside the weights. Progress goes to "
                     "stderr, the answer to stdout.")
     p.add_argument("--checkpoint", required=True, help="HF Video-XL folder or vxl_jax folder (with tokenizer files)")
-    p.add_argument("--video", required=True, help="video file (anything decord/ffmpeg reads: mp4, mkv, avi, ...)")
+    p.add_argument("--video", required=True,
+                   help="video file (anything decord/ffmpeg reads: mp4, mkv, avi, ...) or an image (one frame, or its "
+                        "336 px tiles when the checkpoint's config says anyres + unires with grid pinpoints)")
     p.add_argument("--question", required=True, help="the question; '<image>\\n' is put before it unless it holds "
                                                       "'<image>' itself")
     frames = p.add_mutually_exclusive_group()

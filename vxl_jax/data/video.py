@@ -12,7 +12,8 @@ An image file (anything Pillow opens: png, jpg, webp, bmp, gif, ...) that
 decord cannot read is a one-frame clip, whatever the sampling asks for:
 its pixels (EXIF orientation applied, converted to RGB; the first frame of
 an animated image), index 0, time 0 s, `total_frames` 1, `avg_fps` 0 (no
-frame rate) and `is_image` set.
+frame rate) and `is_image` set. A model whose config tiles images (anyres +
+unires) answers about its tiles instead (`data/unires.py`, `infer.Answerer`).
 
 Anything that stops a file from giving frames (missing, empty, corrupt,
 truncated, unreadable frames, neither a video nor an image) raises
@@ -95,6 +96,18 @@ class Clip:
     path: str
     is_image: bool = False   # read from an image file: one frame
 
+    def __array__(self, dtype=None, copy=None):
+        """`np.asarray(clip)`: its frames."""
+        return np.asarray(self.frames, dtype=dtype)
+
+
+def image_clip(image_u8: np.ndarray, path: str = "<image>") -> Clip:
+    """A still image uint8 [H, W, 3] (RGB) as a one-frame clip marked `is_image` (the model may tile it)."""
+    image = np.asarray(image_u8)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise ValueError(f"an image is uint8 [H, W, 3] (RGB), got {image.dtype} {image.shape}")
+    return Clip(image[None], np.zeros(1, np.int64), np.zeros(1, np.float64), 1, 0.0, path, is_image=True)
+
 
 def read(path: Union[str, os.PathLike], sampling: Sampling, *, num_threads: int = 1) -> Clip:
     """Decodes the sampled frames of `path` (an image file: its one frame); raises VideoError on any failure."""
@@ -153,7 +166,7 @@ def read_image(path: Union[str, os.PathLike]) -> Optional[Clip]:
                                    f"decoding failed ({_first_line(e)})") from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise VideoError(path, f"decoded a {kind} image of unexpected shape {frames.shape[1:]}")
-    return Clip(frames, np.zeros(1, np.int64), np.zeros(1, np.float64), 1, 0.0, path, is_image=True)
+    return image_clip(frames[0], path)
 
 
 def _image_or_error(path: str, video_reason: str) -> Clip:

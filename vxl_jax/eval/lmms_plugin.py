@@ -33,6 +33,8 @@ images / frame paths / a folder of frames, which become the frames of one clip) 
 question about the same file is answered on that encoding, several at a time (`--batch_size` questions per
 batch, across videos too). gen_kwargs: `max_new_tokens`, `temperature` (0 or `do_sample: false`: greedy),
 `top_p`, `until` (the text is cut at the first stop string); `num_beams` > 1 is not supported (greedy).
+A single image (path or PIL) is read as `vxl infer` reads one: RGB, then tiled where the checkpoint's config
+says anyres + unires with grid pinpoints (`vxl_jax/data/unires.py`), else one frame.
 `loglikelihood` (tasks of output_type multiple_choice / loglikelihood) is not supported.
 """
 
@@ -301,7 +303,9 @@ class VXLJax(lmms):
         return max_new, temperature, top_p
 
     def _frames(self, visuals: list):
-        """A video path (read by the answerer with the sampling), or uint8 frames [F, H, W, 3]."""
+        """A video path (read by the answerer with the sampling), one image (a `video.Clip` marked as an image:
+        the answerer tiles it where the checkpoint says anyres + unires, as `vxl infer` does), or uint8 frames
+        [F, H, W, 3] (several images, a folder of frames)."""
         from vxl_jax.data import records, video
 
         if not visuals:
@@ -315,6 +319,13 @@ class VXLJax(lmms):
                 visuals = [os.path.join(path, n) for n in names]
             elif not _is_image_path(path):
                 return path
+            else:   # decoded as `vxl infer` decodes an image (Pillow, RGB)
+                clip = video.read_image(path) if os.path.isfile(path) else None
+                if clip is None:
+                    raise video.VideoError(path, "no such file" if not os.path.exists(path) else "not an image")
+                return clip
+        if len(visuals) == 1 and not isinstance(visuals[0], dict):   # an in-memory image (PIL or array)
+            return video.image_clip(_rgb_u8(visuals[0]), "<in-memory image>")
         images = []
         for v in visuals:
             if isinstance(v, (str, os.PathLike)):
