@@ -234,3 +234,93 @@ def test_truncation_keeps_long_replies_and_skips_records_left_without_reply_text
     cut = batches[0]
     assert cut["text_mask"].sum() == cfg.text_buckets[-1] and (cut["labels"] != -100).sum() > 100
     assert [s.reason for s in it.skipped_records] == ["empty_text"] and "truncation" in it.skipped_records[0].detail
+
+
+def _png(path, h, w, seed):
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _image_records():
+    q = lambda text: [{"from": "human", "value": text}, {"from": "gpt", "value": "An answer."}]
+    return [
+        ({"image": "a.png", "conversations": q("<image>\nWhat is this?")}, 1, 2),           # 672x336 canvas
+        ({"image": ["a.png", "b.png"], "conversations": q("<image>\nCompare.")}, 2, 2 + 3),  # one placeholder
+        ({"image": ["a.png", "b.png"], "conversations": q("<image><image>\nCompare.")}, 2, 2 + 3),  # one each
+        ({"image": ["a.png", "b.png"], "conversations": q("<image>\nFirst. <image>\nSecond.")}, 0, 0),  # text between
+        ({"video": "v0.mp4", "conversations": q("<image>\nWhat happens?")}, 12, 12),
+        ({"conversations": q("Just text.")}, 0, 0),
+    ]
+
+
+def test_image_records_single_multi_and_tiled(dataset, tmp_path):
+    """Images become frames, each on its own (sizes may differ); one placeholder per image merges into one
+    visual span; with anyres + unires an image becomes its tiles; video and images mix in one run."""
+    from vxl_jax.config import ImageConfig
+    cfg, _, root = dataset
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "v0.mp4").write_bytes((root / "media" / "v0.mp4").read_bytes())
+    _png(media / "a.png", 30, 61, 0)     # wide: two tiles side by side on a 56x28 canvas
+    _png(media / "b.png", 90, 30, 1)     # tall: three tiles
+    recs = [r for r, _, _ in _image_records()]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = dataclasses.replace(cfg, annotations=str(tmp_path / "i.jsonl"), media_root=str(media), batch_size=1,
+                               shuffle=False, drop_remainder=False, frame_buckets=(10, 20))
+    for tiled in (False, True):
+        image = ImageConfig("anyres", ((28, 28), (56, 28), (28, 56), (28, 84)), "unires") if tiled else ImageConfig()
+        batches, it = _take(dataclasses.replace(base, image=image))
+        assert it.metrics()["data/skipped_placeholder"] == 1
+        got = {int(b["index"][0]): b for b in batches}
+        for i, (rec, frames, tiles) in enumerate(_image_records()):
+            if i == 3:
+                assert i not in got and "text between images" in it.skipped_records[0].detail
+                continue
+            b = got[i]
+            assert int(b["num_frames"][0]) == (tiles if tiled else frames), (i, tiled)
+            assert (b["input_ids"][0] == -200).sum() == (1 if frames else 0)
+        # Both placeholder layouts give the same frames; the merged one has the original's ids minus one -200.
+        np.testing.assert_array_equal(got[1]["frames"], got[2]["frames"])
+        if tiled:  # a.png's tiles: the 61x30 image fitted to 56x28 (no padding needed here), cut in two
+            from vxl_jax.data import unires
+            want = unires.tile_image(np.asarray(__import__("PIL.Image").Image.open(media / "a.png").convert("RGB")),
+                                     image.grid_pinpoints, 28).channels_first()
+            np.testing.assert_array_equal(got[0]["frames"][0, :2], want)
+
+
+def test_group_by_modality_length(dataset, tmp_path):
+    cfg, _, root = dataset
+    recs = []
+    for i in range(40):
+        kind = ("video", "image", "text")[i % 3]
+        words = "word " * int(np.random.default_rng(i).integers(1, 12))
+        rec = {"conversations": [{"from": "human", "value": ("<image>\n" if kind != "text" else "") + "Q?"},
+                                 {"from": "gpt", "value": words}]}
+        if kind == "video":
+            rec["video"] = "v0.mp4"
+        elif kind == "image":
+            rec["image"] = "a.png"
+        recs.append(rec)
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "v0.mp4").write_bytes((root / "media" / "v0.mp4").read_bytes())
+    _png(media / "a.png", 40, 40, 0)
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    g = dataclasses.replace(cfg, annotations=str(tmp_path / "g.jsonl"), media_root=str(media), batch_size=4,
+                            group_by_modality_length=True, num_epochs=2)
+    batches, _ = _take(g)
+    assert len(batches) == 20    # 80 records, nothing skipped, 4 per batch
+    lengths = {i: loader.modality_length(r) for i, r in enumerate(recs)}
+    mixed = 0
+    for b in batches:
+        kinds = {lengths[int(i)][0] for i in b["index"]}
+        words = [lengths[int(i)][1] for i in b["index"]]
+        mixed += len(kinds) > 1
+        if len(kinds) == 1:
+            assert words == sorted(words, reverse=True)
+    assert mixed <= 2    # only the epoch's last batch gathers the partial megabatches (one per kind)
+    epochs = [np.concatenate([b["index"] for b in batches[:10]]), np.concatenate([b["index"] for b in batches[10:]])]
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(40))
+    assert epochs[0].tolist() != epochs[1].tolist()           # reshuffled each epoch
+    again, _ = _take(g)
+    _assert_same(batches, again)

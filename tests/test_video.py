@@ -68,7 +68,7 @@ def test_bad_sampling_is_rejected():
             video.Sampling(**kwargs)
 
 
-def test_images_are_read_with_pyav(tmp_path):
+def test_images_are_read_with_pillow(tmp_path):
     import av
     frame = synthetic_video(1, 64, seed=2)[0]
     path = tmp_path / "a.png"

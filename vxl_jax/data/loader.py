@@ -35,8 +35,9 @@ from typing import Any, Optional
 import grain
 import numpy as np
 
+from vxl_jax.config import ImageConfig
 from vxl_jax.data import curriculum as curriculum_lib
-from vxl_jax.data import preprocess, prompts, records, video
+from vxl_jax.data import preprocess, prompts, records, unires, video
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class LoaderConfig:
     fps: Optional[float] = None
     max_frames: Optional[int] = None       # cap for fps sampling (and for image lists)
     image_size: int = 336
+    image: ImageConfig = ImageConfig()     # the model's image settings: anyres + unires tiles images
     tokens_per_frame: int = 144
     window: int = 1440                     # visual tokens per compression window
     frame_buckets: tuple[int, ...] = (10, 20, 40, 80, 160, 320)
@@ -60,6 +62,7 @@ class LoaderConfig:
     drop_remainder: bool = True
     seed: int = 0
     shuffle: bool = True
+    group_by_modality_length: bool = False  # the authors' grouping of batches by modality and length
     num_epochs: Optional[int] = None       # None repeats forever
     num_workers: int = 0
     worker_buffer_size: int = 2
@@ -147,6 +150,16 @@ class RecordTransform:
             return Skipped(index, "bad_conversation", str(e))
         kind = records.media_kind(record)
         want = 0 if kind == "text" else 1
+        if kind == "image" and encoded.num_images > 1:
+            # One placeholder per image (LLaVA multi-image): adjacent ones are one visual span, the images'
+            # tokens one after the other, as the original places them; text between them is not supported.
+            n = len(record["image"]) if isinstance(record["image"], list) else 1
+            merged = _merge_adjacent_placeholders(encoded)
+            if merged is None or encoded.num_images != n:
+                return Skipped(index, "placeholder", f"{encoded.num_images} <image> placeholders for {n} images: "
+                                                     "one placeholder for all of them, or one each, adjacent (text "
+                                                     "between images is not supported)")
+            encoded = merged
         if encoded.num_images != want:
             return Skipped(index, "placeholder", f"{kind} record with {encoded.num_images} <image> placeholders, "
                                                  f"expected {want}")
@@ -164,17 +177,38 @@ class RecordTransform:
         if not (encoded.labels != prompts.IGNORE_INDEX).any():
             return Skipped(index, "no_labels", "no token carries a label")
         try:
-            frames = records.read_media(record, cfg.media_root, cfg.sampling)
+            frames = self._frames(record, kind)
         except (ValueError, OSError) as e:  # VideoError is a ValueError; its message names the file
             return Skipped(index, "unreadable_media", str(e))
-        if frames is None:
-            frames = np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8)
-        else:
-            if len(frames) > cfg.max_images:
-                return Skipped(index, "too_long", f"{len(frames)} images, at most {cfg.max_images}")
-            frames = preprocess.crop_frames_u8(frames, cfg.image_size)
+        if len(frames) > cfg.max_images:
+            return Skipped(index, "too_long", f"{len(frames)} frames (images or their tiles), at most "
+                                              f"{cfg.max_images}")
         return {"input_ids": encoded.input_ids.astype(np.int32), "labels": encoded.labels.astype(np.int32),
                 "frames": frames, "index": index}
+
+
+    def _frames(self, record: dict, kind: str) -> np.ndarray:
+        """uint8 [F, 3, S, S]: the video's sampled frames, or each image's frames (its tiles under anyres + unires,
+        `unires.frames_for`) one image after the other; none for a text record."""
+        cfg = self.cfg
+        if kind == "text":
+            return np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8)
+        if kind == "video":
+            return preprocess.crop_frames_u8(records.read_media(record, cfg.media_root, cfg.sampling), cfg.image_size)
+        frames = [preprocess.crop_frames_u8(unires.frames_for(image, cfg.image, cfg.image_size), cfg.image_size)
+                  for image in records.read_images(record, cfg.media_root)]
+        return np.concatenate(frames)
+
+
+def _merge_adjacent_placeholders(encoded: prompts.Encoded) -> Optional[prompts.Encoded]:
+    """The encoding with a run of adjacent placeholders as one (None when text separates them)."""
+    where = np.flatnonzero(encoded.input_ids == prompts.IMAGE_TOKEN_INDEX)
+    if (np.diff(where) != 1).any():
+        return None
+    keep = np.ones(len(encoded.input_ids), bool)
+    keep[where[1:]] = False
+    return prompts.Encoded(encoded.input_ids[keep], encoded.labels[keep],
+                           None if encoded.reply is None else encoded.reply[keep])
 
 
 def _bucket(n: int, buckets) -> int:
@@ -276,6 +310,65 @@ class Batches(grain.IterDataset):
         return f"Batches(batch_size={self.cfg.batch_size})"
 
 
+def modality_length(record: dict) -> tuple[str, int]:
+    """(media kind, words in the conversation): what the authors' grouping sorts by (their `modality_lengths`)."""
+    words = sum(len(str(turn.get("value") or "").split()) for turn in record.get("conversations") or []
+                if isinstance(turn, dict))
+    return records.media_kind(record), words
+
+
+class GroupedByModalityLength(grain.MapDataset):
+    """The record order of the authors' `group_by_modality_length`, per epoch, over a repeated source.
+
+    Each epoch: the records of each media kind (video, image, text; the authors split media from text only,
+    and the kinds also differ in frame counts here) are shuffled and cut into megabatches of a global batch,
+    each sorted by conversation length, longest first; the full megabatches of every kind are shuffled
+    together and the partial ones go last, as one. A global batch is then one kind of similar lengths (up to
+    skipped records), so it pads less and keeps to fewer buckets. Pure function of (seed, epoch).
+    """
+
+    def __init__(self, parent: grain.MapDataset, source: records.AnnotationSource, *, megabatch: int, seed: int,
+                 shuffle: bool = True):
+        super().__init__(parent)
+        self._n = len(source)
+        info = [modality_length(source[i]) for i in range(self._n)]
+        self._kinds = np.asarray([("video", "image", "text").index(k) for k, _ in info])
+        self._lengths = np.asarray([n for _, n in info])
+        self._megabatch, self._seed, self._shuffle = max(1, megabatch), seed, shuffle
+        self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "GroupedByModalityLength"
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's record indices, in order."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.Generator(np.random.Philox(key=curriculum_lib._key128([self._seed, 3, epoch, 0])))
+        full, partial = [], []
+        for kind in range(3):
+            idx = np.flatnonzero(self._kinds == kind)
+            idx = rng.permutation(idx) if self._shuffle else idx
+            for start in range(0, len(idx), self._megabatch):
+                chunk = idx[start:start + self._megabatch]
+                chunk = chunk[np.argsort(-self._lengths[chunk], kind="stable")]
+                (full if len(chunk) == self._megabatch else partial).append(chunk)
+        if self._shuffle and full:
+            full = [full[i] for i in rng.permutation(len(full))]
+        out = np.concatenate(full + partial) if full or partial else np.zeros(0, np.int64)
+        self._cached = (epoch, out)
+        return out
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(int(index), self._n)
+        return self._parent[epoch * self._n + int(self.order(epoch)[j])]
+
+
 def build_dataset(cfg: LoaderConfig):
     """The grain IterDataset of training batches for this JAX process (iterate it for batches)."""
     index, count = cfg.shard_index, cfg.shard_count
@@ -288,9 +381,14 @@ def build_dataset(cfg: LoaderConfig):
     if len(source) == 0:
         raise ValueError(f"{cfg.annotations} holds no records")
     ds = grain.MapDataset.source(source)
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    ds = ds.repeat(cfg.num_epochs)[index::count]
+    if cfg.group_by_modality_length:
+        ds = GroupedByModalityLength(ds.repeat(cfg.num_epochs), source, megabatch=cfg.batch_size * count,
+                                     seed=cfg.seed, shuffle=cfg.shuffle)
+    else:
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds[index::count]
     transform = RecordTransform(cfg)
     ds = ds.map(transform).to_iter_dataset()
     if cfg.num_workers > 0:

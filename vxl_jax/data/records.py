@@ -87,17 +87,21 @@ def media_kind(record: dict) -> str:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] of an image file, decoded with PyAV (ffmpeg reads png, jpeg, webp, bmp, ...)."""
-    import av
-
+    """uint8 [H, W, 3] of an image file, decoded as `vxl infer` decodes one (Pillow, RGB; `video.read_image`)."""
     if not os.path.isfile(path):
         raise video.VideoError(path, "no such file")
-    try:
-        with av.open(path) as container:
-            frame = next(container.decode(video=0))
-            return frame.to_ndarray(format="rgb24")
-    except (av.error.FFmpegError, StopIteration, ValueError) as e:
-        raise video.VideoError(path, f"not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
+    clip = video.read_image(path)
+    if clip is None:
+        raise video.VideoError(path, "not a readable image (Pillow does not recognise it)")
+    return clip.frames[0]
+
+
+def read_images(record: dict, media_root: str) -> list[np.ndarray]:
+    """uint8 [H, W, 3] of each of the record's images (`image`: a path or a list of paths)."""
+    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    if not paths:
+        raise ValueError("the record's image list is empty")
+    return [read_image(os.path.join(media_root, p)) for p in paths]
 
 
 def read_media(record: dict, media_root: str, sampling: video.Sampling) -> Optional[np.ndarray]:
@@ -107,10 +111,7 @@ def read_media(record: dict, media_root: str, sampling: video.Sampling) -> Optio
         return None
     if kind == "video":
         return video.read(os.path.join(media_root, record["video"]), sampling).frames
-    paths = record["image"] if isinstance(record["image"], list) else [record["image"]]
-    if not paths:
-        raise ValueError("the record's image list is empty")
-    images = [read_image(os.path.join(media_root, p)) for p in paths]
+    images = read_images(record, media_root)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"the record's images differ in size ({sorted(shapes)})")

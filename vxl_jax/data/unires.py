@@ -164,8 +164,9 @@ def pixel_values(tiles_u8: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- the model's choice
 
 
-def _check_config(cfg) -> None:
-    if cfg.projector.pool_stride != 2:
+def check_model(cfg) -> None:
+    """Raises when the model of `cfg` (a VideoXLConfig) cannot take tiled images."""
+    if cfg.image.tiles and cfg.projector.pool_stride != 2:
         # unires pools tiles 2x2 whatever mm_spatial_pool_stride says; frames here pool by the stride.
         raise ValueError(f"unires images need mm_spatial_pool_stride 2 (their tiles are pooled 2x2), "
                          f"the config has {cfg.projector.pool_stride}")
@@ -179,15 +180,20 @@ def image_frames(image_u8: np.ndarray, cfg) -> np.ndarray:
     anyres without pinpoints (the released config, as copied in configs/videoxl_7b.json, names none, and
     the original cannot tile without them). Frames are then resized and centre-cropped as video frames are (a no-op on tiles).
     """
+    check_model(cfg)
+    return frames_for(image_u8, cfg.image, cfg.vision.image_size)
+
+
+def frames_for(image_u8: np.ndarray, image_cfg, tile: int) -> np.ndarray:
+    """`image_frames` from the image settings (`config.ImageConfig`) and the CLIP input size alone."""
     image = _check_image(image_u8)
-    if cfg.image.tiles:
-        _check_config(cfg)
-        return tile_image(image, cfg.image.grid_pinpoints, cfg.vision.image_size).frames
-    if cfg.image.anyres and cfg.image.grid_pinpoints is not None:
+    if image_cfg.tiles:
+        return tile_image(image, image_cfg.grid_pinpoints, tile).frames
+    if image_cfg.anyres and image_cfg.grid_pinpoints is not None:
         # e.g. "flat": the original would feed the base image and every tile unpooled (576 tokens each).
-        raise ValueError(f"image_aspect_ratio {cfg.image.aspect_ratio!r} with mm_patch_merge_type "
-                         f"{cfg.image.patch_merge_type!r} is not supported for images (only 'unires')")
-    if cfg.image.aspect_ratio == "pad":
+        raise ValueError(f"image_aspect_ratio {image_cfg.aspect_ratio!r} with mm_patch_merge_type "
+                         f"{image_cfg.patch_merge_type!r} is not supported for images (only 'unires')")
+    if image_cfg.aspect_ratio == "pad":
         return expand_to_square(image)[None]
     return image[None]
 
