@@ -15,7 +15,14 @@ loops included), the generated code and the donated bytes aliased with outputs.
   train     one optimizer step of `train.step.make_step` + `jit_step` (AdamW, all
             parameters trainable, as benchmarks/train_bench.py builds it): the state
             (float32 params + Adam moments) abstract, batch 1 from
-            `train_bench.make_batch` / `train.batch.prepare`.
+            `train_bench.make_batch` / `train.batch.prepare` (14-token prefix, 32-token
+            suffix; `--train-text-tokens N`: an N-token suffix, all but its first token
+            labelled); one row per `--train-loss-chunk` (the cross entropy's vocabulary
+            block, "none": full logits).
+  loss      the cross entropy alone through the LM head, forward + backward (d hidden,
+            d head), hidden [1, T, D] float32 at the train config's width and vocabulary:
+            the full logits path (`qwen2.logits` + `loss.cross_entropy`) against
+            `train.chunked_ce` at each `--loss-chunks` block.
 
 On a CPU, estimate in float32 (the default `--dtype`): XLA's CPU backend upcasts
 bfloat16 matmuls, so a bfloat16 compile there measures neither the CPU nor a GPU.
@@ -31,6 +38,7 @@ fits (it OOMs at allocation, right at the start, if it does not).
     python benchmarks/aot_memory.py                                  # videoxl_7b: 2048 10000 30000 frames + train at 128
     python benchmarks/aot_memory.py --config bench_small --frames 40 80 --train-config bench_small --train-frames 10
     python benchmarks/aot_memory.py --dtype bfloat16 --frames 20000 --skip-train --execute --out gpu/fit_20000   # on a GPU
+    python benchmarks/aot_memory.py --skip-prefill --train-loss-chunk none 8192 --loss-tokens 4096   # chunked CE vs full
 
 Exit status: 0, or 2 when an `--execute` run ran out of device memory.
 """
@@ -175,12 +183,26 @@ def execute(compiled, cfg, arrays, visual, norm, dtype, budget_s: float) -> dict
             "kv_length": int(np.asarray(result.memory.length)[0])}
 
 
-def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict) -> dict:
+def _text_batch(cfg, frames: int, ratio: int, text_tokens) -> dict:
+    """train_bench.make_batch's row, with an N-token suffix after the video when text_tokens is set."""
+    from train_bench import make_batch
+
+    batch = make_batch(cfg, frames, 1, ratio)
+    if text_tokens is None:
+        return batch
+    head = batch["input_ids"][:, :PREFIX + 1]                                   # the prefix and <image>
+    text = np.random.default_rng(1).integers(0, min(cfg.llm.vocab_size, 30000), (1, text_tokens)).astype(np.int32)
+    ids = np.concatenate([head, text], axis=1)
+    labels = np.full_like(ids, -100)
+    labels[:, PREFIX + 2:] = ids[:, PREFIX + 2:]             # the token right after <image> is never a target
+    return dict(batch, input_ids=ids, labels=labels, text_mask=np.ones_like(ids, bool))
+
+
+def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict, text_tokens=None) -> dict:
     """Compiles one train step (batch 1) with the state abstract; returns its row."""
     import jax
     import jax.numpy as jnp
 
-    from train_bench import make_batch
     from vxl_jax import parallel
     from vxl_jax.config import VideoXLConfig
     from vxl_jax.model import videoxl
@@ -197,7 +219,7 @@ def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict) -> di
         abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
         shardings = parallel.tree_shardings(abstract, mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        prepared = batch_lib.prepare(make_batch(cfg, frames, 1, ratio), cfg, (ratio,))
+        prepared = batch_lib.prepare(_text_batch(cfg, frames, ratio, text_tokens), cfg, (ratio,))
         inputs = batch_lib.to_global(prepared.inputs, mesh)
         t0 = time.perf_counter()
         compiled = step_lib.jit_step(step, shardings).lower(state, inputs, spec=prepared.spec).compile()
@@ -207,6 +229,7 @@ def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict) -> di
     param_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
     measured = mem["argument_bytes"] + mem["output_bytes"] + mem["temp_bytes"] - mem["alias_bytes"]
     row = dict(kind="train", config=cfg_name, frames=frames, ratio=ratio, batch=1,
+               text_tokens=int(prepared.inputs.suffix_targets.shape[1]), targets=prepared.targets,
                windows=prepared.inputs.plan.num_windows, buffer_entries=prepared.spec.buffer_size,
                frames_bytes=int(np.asarray(prepared.inputs.visual).nbytes), state_bytes=state_bytes,
                param_bytes=param_bytes, **settings_kw, **mem, total_bytes=measured, compile_s=compile_s,
@@ -216,6 +239,40 @@ def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict) -> di
         # (less: bfloat16 compute adds bfloat16 copies of the weights).
         row["bf16_compute_total_bytes_rough"] = measured - mem["temp_bytes"] / 2
     return row
+
+
+def loss_point(cfg_name: str, tokens: int, chunk) -> dict:
+    """Compiles the LM-head cross entropy's forward + backward (d hidden, d head) alone; returns its row."""
+    import jax
+    import jax.numpy as jnp
+
+    from vxl_jax.config import VideoXLConfig
+    from vxl_jax.model import qwen2
+    from vxl_jax.train.chunked_ce import block_size, lm_head_cross_entropy
+    from vxl_jax.train.loss import cross_entropy
+
+    llm = VideoXLConfig.load(cfg_name).llm
+    vocab, width = llm.vocab_size, llm.hidden_size
+    head = "embed_tokens" if llm.tie_word_embeddings else "lm_head"
+    params = {head: jax.ShapeDtypeStruct((vocab, width) if llm.tie_word_embeddings else (width, vocab), jnp.float32)}
+    hidden = jax.ShapeDtypeStruct((1, tokens, width), jnp.float32)
+    targets = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+    if chunk is None:
+        loss = lambda p, h, t: cross_entropy(qwen2.logits(p, llm, h), t)[0]
+    else:
+        loss = lambda p, h, t: lm_head_cross_entropy(p, llm, h, t, block=chunk)[0]
+    t0 = time.perf_counter()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, hidden, targets).compile()
+    compile_s = time.perf_counter() - t0
+    mem = _memory(compiled)
+    return dict(kind="loss", config=cfg_name, tokens=tokens, width=width, vocab=vocab, loss_chunk=chunk,
+                block=None if chunk is None else block_size(vocab, chunk), logits_bytes=tokens * vocab * 4, **mem,
+                compile_s=compile_s, backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+
+
+def _chunk(text: str):
+    """A --*-loss-chunk(s) value: an int, or none (the full logits)."""
+    return None if text.lower() in ("none", "null", "full") else int(text)
 
 
 def _g(n) -> str:
@@ -240,10 +297,19 @@ def train_line(r: dict) -> str:
     rough = (f" | bf16-compute rough {_g(r['bf16_compute_total_bytes_rough'])}"
              if "bf16_compute_total_bytes_rough" in r else "")
     return (f"train {r['config']} {r['frames']} frames r{r['ratio']} batch 1 [{r['dtype']}, remat "
-            f"{r['remat_layer']}/{r['remat_window']}]: {r['windows']} windows | state {_g(r['state_bytes'])} "
+            f"{r['remat_layer']}/{r['remat_window']}, loss chunk {r.get('loss_chunk')}]: {r['windows']} windows, "
+            f"{r.get('text_tokens')} text tokens "
+            f"| state {_g(r['state_bytes'])} "
             f"(params {_g(r['param_bytes'])}) | args {_g(r['argument_bytes'])}, out {_g(r['output_bytes'])}, "
             f"aliased {_g(r['alias_bytes'])}, temp {_g(r['temp_bytes'])} | total {_g(r['total_bytes'])}"
             f"{rough} | compile {r['compile_s']:.1f} s")
+
+
+def loss_line(r: dict) -> str:
+    what = "full logits" if r["loss_chunk"] is None else f"chunked {r['loss_chunk']} (block {r['block']})"
+    return (f"loss {r['config']} T={r['tokens']} D={r['width']} V={r['vocab']} [{what}] forward + backward: "
+            f"args {_g(r['argument_bytes'])}, out {_g(r['output_bytes'])}, temp {_g(r['temp_bytes'])} "
+            f"(the [T, V] float32 logits: {_g(r['logits_bytes'])}) | compile {r['compile_s']:.1f} s")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -275,16 +341,28 @@ def markdown(rows: list[dict]) -> str:
         parts.append("Compressed prefill (frames streamed, one row):\n\n" + "\n".join(lines) + "\n\n" + note)
     tr = [r for r in rows if r["kind"] == "train"]
     if tr:
-        lines = ["| config | frames | ratio | compute dtype | remat layer/window | state | arguments | output | "
-                 "aliased | temp | total | compile s |"]
+        lines = ["| config | frames | text tokens | ratio | compute dtype | remat layer/window | loss chunk | state | "
+                 "arguments | output | aliased | temp | total | compile s |"]
         lines.append("|" + "---|" * (lines[0].count("|") - 1))
         for r in tr:
-            cells = [r["config"], r["frames"], r["ratio"], r["dtype"], f"{r['remat_layer']}/{r['remat_window']}",
-                     _g(r["state_bytes"]), _g(r["argument_bytes"]), _g(r["output_bytes"]), _g(r["alias_bytes"]),
+            cells = [r["config"], r["frames"], r.get("text_tokens", "-"), r["ratio"], r["dtype"],
+                     f"{r['remat_layer']}/{r['remat_window']}", r.get("loss_chunk") or "full", _g(r["state_bytes"]), _g(r["argument_bytes"]), _g(r["output_bytes"]), _g(r["alias_bytes"]),
                      _g(r["temp_bytes"]), _g(r["total_bytes"]), f"{r['compile_s']:.1f}"]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         parts.append("Train step (AdamW, all parameters trainable, batch 1; state float32):\n\n" + "\n".join(lines)
                      + "\n\ntotal = arguments + outputs + temporaries - aliased (the donated state).")
+    lo = [r for r in rows if r["kind"] == "loss"]
+    if lo:
+        lines = ["| config | tokens | width | vocabulary | loss | arguments | output | temp | [T, V] logits f32 | "
+                 "compile s |"]
+        lines.append("|" + "---|" * (lines[0].count("|") - 1))
+        for r in lo:
+            what = "full logits" if r["loss_chunk"] is None else f"chunked, block {r['block']}"
+            cells = [r["config"], r["tokens"], r["width"], r["vocab"], what, _g(r["argument_bytes"]),
+                     _g(r["output_bytes"]), _g(r["temp_bytes"]), _g(r["logits_bytes"]), f"{r['compile_s']:.1f}"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        parts.append("Cross entropy through the LM head alone, forward + backward (d hidden, d head), float32:\n\n"
+                     + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
@@ -312,8 +390,18 @@ def main(argv=None) -> int:
                    help="train: compute dtype (default StepSettings': float32; the state is float32 either way)")
     p.add_argument("--train-remat-layer", default=None, help="train: StepSettings.remat_layer (default none)")
     p.add_argument("--train-remat-window", default=None, help="train: StepSettings.remat_window (default none)")
+    p.add_argument("--train-loss-chunk", type=_chunk, nargs="+", default=None, metavar="BLOCK|none",
+                   help="train: StepSettings.loss_chunk, one train row per value (default StepSettings': the "
+                        "chunked cross entropy); none: the full logits")
+    p.add_argument("--train-text-tokens", type=int, default=None,
+                   help="train: tokens of the text after the video (default train_bench's 32-token suffix)")
+    p.add_argument("--loss-tokens", type=int, default=4096,
+                   help="loss: tokens T of the cross-entropy-alone points (default 4096)")
+    p.add_argument("--loss-chunks", type=_chunk, nargs="+", default=[None, 8192, 16384], metavar="BLOCK|none",
+                   help="loss: vocabulary blocks to compare, none = the full logits (default none 8192 16384)")
     p.add_argument("--skip-prefill", action="store_true", help="no prefill points")
     p.add_argument("--skip-train", action="store_true", help="no train point")
+    p.add_argument("--skip-loss", action="store_true", help="no cross-entropy-alone points")
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="folder for aot_memory.json and aot_memory.md (default: write nothing)")
     args = p.parse_args(argv)
@@ -358,16 +446,24 @@ def main(argv=None) -> int:
                 save()
                 sys.stdout.flush()
                 os._exit(status)
+    if not args.skip_loss:
+        for chunk in args.loss_chunks:
+            row = loss_point(args.train_config, args.loss_tokens, chunk)
+            print(loss_line(row), flush=True)
+            rows.append(row)
+            save()
     if not args.skip_train:
         defaults = StepSettings()
-        settings = dict(dtype=args.train_dtype or defaults.dtype,
-                        remat_layer=args.train_remat_layer or defaults.remat_layer,
-                        remat_window=args.train_remat_window or defaults.remat_window)
-        print(f"train {args.train_config} {args.train_frames} frames: compiling ...", flush=True)
-        row = train_point(args.train_config, args.train_frames, args.ratio, settings)
-        print(train_line(row), flush=True)
-        rows.append(row)
-        save()
+        for chunk in args.train_loss_chunk or [defaults.loss_chunk]:
+            settings = dict(dtype=args.train_dtype or defaults.dtype,
+                            remat_layer=args.train_remat_layer or defaults.remat_layer,
+                            remat_window=args.train_remat_window or defaults.remat_window, loss_chunk=chunk)
+            print(f"train {args.train_config} {args.train_frames} frames, loss chunk {chunk}: compiling ...",
+                  flush=True)
+            row = train_point(args.train_config, args.train_frames, args.ratio, settings, args.train_text_tokens)
+            print(train_line(row), flush=True)
+            rows.append(row)
+            save()
     if rows and args.out is not None:
         print(f"wrote {args.out / 'aot_memory.json'} and {args.out / 'aot_memory.md'}")
     if rows and any(r["kind"] == "prefill" and r["bf16_extrapolated"] for r in rows):

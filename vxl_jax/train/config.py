@@ -12,7 +12,8 @@ Sections map to the dataclasses that use them, so nothing is a god-config:
                WORKDIR/data (when absent) and train on it
     optim      `train.optim.OptimConfig`
     mesh       `parallel.MeshConfig`
-    step       `train.step.StepSettings` (accumulation, dtype, remat policies)
+    step       `train.step.StepSettings` (accumulation, dtype, remat policies, the
+               cross entropy's vocabulary block `loss_chunk`)
 
 plus the loop's own keys (max_steps, seed, save_every, ...). An override is
 `dotted.key=value` with a JSON value (a bare word is a string).
@@ -27,7 +28,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from vxl_jax.config import CONFIG_DIR, VideoXLConfig
-from vxl_jax.data import curriculum as curriculum_lib
+from vxl_jax.data import curriculum as curriculum_lib, unires
 from vxl_jax.data.loader import LoaderConfig
 from vxl_jax.data.synthetic import SyntheticSpec
 from vxl_jax.parallel import MeshConfig
@@ -35,7 +36,7 @@ from vxl_jax.train.optim import OptimConfig
 from vxl_jax.train.step import StepSettings
 
 # Loader fields that the model decides.
-_FROM_MODEL = ("image_size", "tokens_per_frame", "window")
+_FROM_MODEL = ("image_size", "image", "tokens_per_frame", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +113,12 @@ class TrainConfig:
         from vxl_jax.train.step import DTYPES
         bad = [f"{k}={getattr(settings, k)!r}" for k in ("remat_layer", "remat_window")
                if getattr(settings, k) not in REMAT_POLICIES]
-        if bad or settings.dtype not in DTYPES or settings.accum_steps < 1 or settings.max_bad_steps < 1:
+        chunk = settings.loss_chunk
+        bad_chunk = chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1)
+        if bad or bad_chunk or settings.dtype not in DTYPES or settings.accum_steps < 1 or settings.max_bad_steps < 1:
             raise ValueError(f"invalid step settings {bad or settings}: remat policies are {list(REMAT_POLICIES)}, "
-                             f"dtypes {list(DTYPES)}, accum_steps >= 1, max_bad_steps >= 1")
+                             f"dtypes {list(DTYPES)}, accum_steps >= 1, max_bad_steps >= 1, loss_chunk null or "
+                             f">= 1")
         return settings
 
     def synthetic_spec(self) -> SyntheticSpec:
@@ -154,7 +158,9 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown data keys: {unknown}")
-        return LoaderConfig(**d, image_size=model.vision.image_size, tokens_per_frame=model.tokens_per_frame,
+        unires.check_model(model)
+        return LoaderConfig(**d, image_size=model.vision.image_size, image=model.image,
+                            tokens_per_frame=model.tokens_per_frame,
                             window=model.vst.window, batch_size=batch_size, shard_index=shard_index,
                             shard_count=shard_count)
 

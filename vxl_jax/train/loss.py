@@ -15,6 +15,14 @@ The loss is one token-level mean over every labelled token of the batch
 separately so that gradient accumulation and data parallelism divide once by
 the global count.
 
+The cross entropy goes through the LM head in vocabulary blocks of `loss_chunk`
+columns (`chunked_ce.lm_head_cross_entropy`, over the prefix and suffix hidden
+states together): neither the forward nor the backward holds the [B, P + S, V]
+float32 logits (V = 152,064 for the 7B), and the result and its gradients equal
+the full path's (`loss_chunk=None`: `qwen2.logits` then `cross_entropy`) to
+float32 rounding. `return_logits` (tests, fixtures) also returns the full
+logits, computed beside the loss.
+
 Axis legend: B batch, P prefix tokens, S suffix tokens, D width, V vocabulary.
 """
 
@@ -31,6 +39,7 @@ from vxl_jax.compress.prefill import prefill
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import qwen2
 from vxl_jax.train.batch import TrainInputs
+from vxl_jax.train.chunked_ce import DEFAULT_BLOCK, lm_head_cross_entropy
 
 
 @flax.struct.dataclass
@@ -51,16 +60,26 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
 
 def loss_terms(params: dict, cfg: VideoXLConfig, inputs: TrainInputs, *, spec: PrefillSpec,
                pixel_norm: Optional[tuple[jax.Array, jax.Array]] = None, dtype=jnp.float32,
-               remat: str = "none", remat_window: str = "none", return_logits: bool = False) -> LossTerms:
-    """Σ CE and count of one batch through the compressed forward (see the module docstring)."""
+               remat: str = "none", remat_window: str = "none", loss_chunk: Optional[int] = DEFAULT_BLOCK,
+               return_logits: bool = False) -> LossTerms:
+    """Σ CE and count of one batch through the compressed forward (see the module docstring).
+
+    loss_chunk: vocabulary block of the chunked cross entropy; None: full logits.
+    """
     result = prefill(params, cfg, inputs.plan, inputs.visual, spec=spec, pixel_norm=pixel_norm, dtype=dtype,
                      remat=remat, remat_window=remat_window)
     llm = params["llm"]
-    prefix_logits = qwen2.logits(llm, cfg.llm, result.prefix_hidden)
-    suffix_logits = qwen2.logits(llm, cfg.llm, result.suffix_hidden)
-    p_sum, p_count = cross_entropy(prefix_logits, inputs.prefix_targets)
-    s_sum, s_count = cross_entropy(suffix_logits, inputs.suffix_targets)
-    out = LossTerms(p_sum + s_sum, p_count + s_count)
+    if loss_chunk is None or return_logits:
+        prefix_logits = qwen2.logits(llm, cfg.llm, result.prefix_hidden)
+        suffix_logits = qwen2.logits(llm, cfg.llm, result.suffix_hidden)
+    if loss_chunk is None:
+        p_sum, p_count = cross_entropy(prefix_logits, inputs.prefix_targets)
+        s_sum, s_count = cross_entropy(suffix_logits, inputs.suffix_targets)
+        out = LossTerms(p_sum + s_sum, p_count + s_count)
+    else:
+        hidden = jnp.concatenate([result.prefix_hidden, result.suffix_hidden], axis=1)         # [B, P + S, D]
+        targets = jnp.concatenate([inputs.prefix_targets, inputs.suffix_targets], axis=1)
+        out = LossTerms(*lm_head_cross_entropy(llm, cfg.llm, hidden, targets, block=loss_chunk))
     if return_logits:
         out = out.replace(prefix_logits=prefix_logits, suffix_logits=suffix_logits)
     return out

@@ -38,6 +38,7 @@ from vxl_jax.config import VideoXLConfig
 from vxl_jax.conversion.checkpoint import PIXEL_NORM_U8
 from vxl_jax.train import optim
 from vxl_jax.train.batch import TrainInputs
+from vxl_jax.train.chunked_ce import DEFAULT_BLOCK
 from vxl_jax.train.loss import loss_terms
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -58,6 +59,7 @@ class StepSettings:
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
     remat_window: str = "full"      # per compression window (the scan body): keep only the carried memory
     max_bad_steps: int = 10         # consecutive steps with a non-finite loss or gradient norm before the run stops
+    loss_chunk: Optional[int] = DEFAULT_BLOCK   # vocabulary block of the chunked cross entropy; None: full logits
     pixel_mean: tuple[float, ...] = PIXEL_NORM_U8[0]   # on uint8 pixels
     pixel_std: tuple[float, ...] = PIXEL_NORM_U8[1]
 
@@ -88,7 +90,8 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
     def terms(params, inputs: TrainInputs, spec: PrefillSpec):
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
         out = loss_terms(params, cfg, inputs, spec=spec, pixel_norm=norm, dtype=dtype,
-                         remat=settings.remat_layer, remat_window=settings.remat_window)
+                         remat=settings.remat_layer, remat_window=settings.remat_window,
+                         loss_chunk=settings.loss_chunk)
         return out.ce_sum, out.count
 
     grad_fn = jax.value_and_grad(terms, has_aux=True)
