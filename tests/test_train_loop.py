@@ -137,3 +137,45 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(env, tmp_path):
     assert rows and rows[0]["steps_skipped"] == 0
     skipped = [r["steps_skipped"] for r in rows]
     assert skipped == sorted(skipped) and all(b - a <= 1 for a, b in zip(skipped, skipped[1:]))
+
+
+def _mixed_set(root: pathlib.Path) -> pathlib.Path:
+    """The synthetic video QA set plus image records (one solid colour and a shape per PNG), shuffled together."""
+    from PIL import Image
+    from vxl_jax.data import synthetic
+    train = pathlib.Path(synthetic.generate(str(root), synthetic.SyntheticSpec(num_records=48, num_eval=0)))
+    recs = [json.loads(line) for line in train.read_text().splitlines()]
+    rng = np.random.default_rng(0)
+    colours = list(synthetic.PALETTE)
+    (root / "images").mkdir()
+    for i in range(24):
+        name = colours[int(rng.integers(len(colours)))]
+        pixels = np.empty((96, 160, 3), np.uint8)
+        pixels[:] = synthetic.PALETTE[name]
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        recs.append({"image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the image?"}, {"from": "gpt", "value": name}]})
+    order = rng.permutation(len(recs))
+    out = root / "mixed.jsonl"
+    out.write_text("".join(json.dumps(recs[i]) + "\n" for i in order))
+    return out
+
+
+@pytest.mark.slow  # ~60 s: its own compile
+def test_mixed_images_and_videos_with_per_row_ratios_learn_and_a_nan_step_is_skipped(env, tmp_path):
+    """Issue 15's acceptance run: image and video records in batches of 8, instance-random ratios (rows differ),
+    the loss falls; a NaN injected at step 4 is skipped (counted, nothing updated) and the run goes on."""
+    data = tmp_path / "data"
+    mixed = _mixed_set(data)
+    work = tmp_path / "run"
+    _train(env, work, "max_steps=24", "synthetic=null", f"data.annotations={json.dumps(str(mixed))}",
+           f"data.tokenizer={json.dumps(str(data / 'tokenizer'))}", f"data.media_root={json.dumps(str(data))}",
+           "data.curriculum.mode=instance-random", "debug_nan_steps=[4]", "save_every=100", "export_hf=false")
+    rows = {r["step"]: r for r in read_jsonl(work / "metrics.jsonl")}
+    assert sorted(rows) == list(range(1, 25))
+    assert [rows[s]["steps_skipped"] for s in (3, 4, 5, 24)] == [0, 1, 1, 1]
+    assert rows[4]["loss"] is None      # NaN, written as null
+    losses = [rows[s]["loss"] for s in sorted(rows) if s != 4]
+    assert all(v is not None and np.isfinite(v) for v in losses)
+    assert np.mean(losses[-4:]) < np.mean(losses[:3]) - 1.0, losses
+    assert rows[24]["data/records_skipped"] == 0

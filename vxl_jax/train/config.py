@@ -55,11 +55,14 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 3
     export_hf: bool = True          # write WORKDIR/export_hf (HF Video-XL format) when the run ends
+    debug_nan_steps: Sequence[int] = ()  # fault injection: these steps (1-based) get a NaN loss and gradients
     description: str = ""
 
     def __post_init__(self):
         bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("max_steps", "log_every", "print_every",
                                                                      "save_every", "keep_checkpoints") if getattr(self, k) < 1]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.debug_nan_steps):
+            bad.append(f"debug_nan_steps are step numbers >= 1, got {list(self.debug_nan_steps)}")
         if bad:
             raise ValueError("invalid TrainConfig: " + "; ".join(bad))
 

@@ -155,6 +155,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         bar = tqdm.tqdm(total=cfg.max_steps, initial=start, disable=not (progress and leader), unit="step",
                         dynamic_ncols=True)
         last_loss, stopped = None, False
+        nan_steps = set(cfg.debug_nan_steps)
         bad_in_a_row, bad_total = 0, 0
         try:
             with _StopFlag() as stop:
@@ -165,7 +166,11 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     prepared = batch_lib.prepare(batch, model_cfg, ratios)
                     inputs = batch_lib.to_global(prepared.inputs, mesh)
                     t1 = time.perf_counter()
-                    state, out = step_fn(state, inputs, spec=prepared.spec)
+                    if nan_steps:   # every step passes a fault value (one compilation), NaN at the chosen ones
+                        fault = np.float32(np.nan if step + 1 in nan_steps else 0.0)
+                        state, out = step_fn(state, inputs, spec=prepared.spec, fault=fault)
+                    else:
+                        state, out = step_fn(state, inputs, spec=prepared.spec)
                     out = jax.device_get(out)
                     t2 = time.perf_counter()
                     step += 1

@@ -96,7 +96,9 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
 
     grad_fn = jax.value_and_grad(terms, has_aux=True)
 
-    def step(state: TrainState, inputs: TrainInputs, spec: PrefillSpec):
+    def step(state: TrainState, inputs: TrainInputs, spec: PrefillSpec, fault: Optional[jax.Array] = None):
+        """fault: None, or a float32 scalar that scales the loss and gradients by (1 + fault): NaN injects a
+        non-finite step (fault injection, `debug_nan_steps`), 0 changes nothing."""
         accum = settings.accum_steps
         if accum == 1:
             (ce_sum, count), grads = grad_fn(state.params, inputs, spec)
@@ -111,6 +113,9 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
 
             (grads, ce_sum, count), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), micro)
+        if fault is not None:
+            ce_sum = ce_sum * (1 + fault)
+            grads = jax.tree.map(lambda g: g * (1 + fault).astype(g.dtype), grads)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
