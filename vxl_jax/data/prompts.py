@@ -52,13 +52,24 @@ class PromptError(ValueError):
 _LOAD_LOCK = threading.Lock()  # transformers' lazy imports and logging switches are not thread-safe
 
 
-def load_tokenizer(checkpoint_dir: str):
-    """The HF tokenizer saved with a checkpoint (HF or converted JAX dir); a clear error when there is none."""
+def load_tokenizer(checkpoint_dir: str, *, backend: Literal["auto", "transformers"] = "auto"):
+    """The tokenizer saved with a checkpoint (HF or converted JAX dir); a clear error when there is none.
+
+    "auto": with a tokenizer.json, `fast_tokenizer.FastTokenizer` (the same ids without importing
+    transformers, ~0.65 s less per process); otherwise, or with "transformers", transformers' own class.
+    """
     if not any(os.path.isfile(os.path.join(checkpoint_dir, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"checkpoint {checkpoint_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
             "tokenizer files of the model (e.g. Qwen2-7B-Instruct's) into it, or make a tiny model with "
             "`vxl tiny-model`, which writes one")
+    if backend not in ("auto", "transformers"):
+        raise ValueError(f"backend is 'auto' or 'transformers', got {backend!r}")
+    if backend == "auto":
+        from vxl_jax.data.fast_tokenizer import FastTokenizer
+        fast = FastTokenizer.from_dir(checkpoint_dir)
+        if fast is not None:
+            return fast
     import warnings
 
     with _LOAD_LOCK:
