@@ -108,3 +108,29 @@ def test_size_decord_cannot_read_is_refused(tmp_path):
     with pytest.raises(ValueError, match="decord"):
         synthetic.generate(str(tmp_path), dataclasses.replace(SPEC, size=48, num_records=1, num_eval=0))
     assert not (tmp_path / "spec.json").exists()
+
+
+def test_colour_then_grey_layout(tmp_path):
+    """The demo's layout: the first half of the frames is the answer colour alone, the rest grey with a shape of
+    another colour; only the asked kinds of question are written."""
+    spec = dataclasses.replace(SPEC, num_records=4, num_eval=2, layout="colour_then_grey", questions=("first",))
+    out = str(tmp_path)
+    synthetic.generate(out, spec)
+    assert synthetic.generate(out, spec) == os.path.join(out, "train.jsonl")  # the tuple field reads back equal
+    train, held_out = _records(os.path.join(out, "train.jsonl")), _records(os.path.join(out, "eval.jsonl"))
+    assert len(train) == 4 and len(held_out) == 2 and len({r["video"] for r in train + held_out}) == 6
+    half = SPEC.size // 2
+    for r in train + held_out:
+        assert r["question_type"] == "first" and r["answer"] in synthetic.PALETTE
+        clip = video.read(os.path.join(out, r["video"]), video.uniform(SPEC.frames))
+        first, last = clip.frames[0], clip.frames[-1]
+        assert _nearest_colour(first[2:SPEC.size // 8, 2:SPEC.size // 8]) == r["answer"]
+        assert _nearest_colour(first[half - 2:half + 2, half - 2:half + 2]) == r["answer"]  # no shape on it
+        assert np.abs(last[2:SPEC.size // 8, 2:SPEC.size // 8].astype(int) - synthetic.GREY).max() < 24
+        assert _nearest_colour(last[half - 2:half + 2, half - 2:half + 2]) != r["answer"]  # the shape's colour
+    with pytest.raises(ValueError, match="last"):
+        dataclasses.replace(spec, questions=("first", "last"))
+    with pytest.raises(ValueError, match="layout"):
+        dataclasses.replace(spec, layout="stripes")
+    with pytest.raises(ValueError, match="questions"):
+        dataclasses.replace(SPEC, questions=("colour",))
