@@ -312,18 +312,25 @@ def loss_line(r: dict) -> str:
             f"(the [T, V] float32 logits: {_g(r['logits_bytes'])}) | compile {r['compile_s']:.1f} s")
 
 
+def _table(header: str, body: list[list]) -> str:
+    """A markdown table from its header line ("| a | b |") and the cells of each row."""
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     parts = []
     pre = [r for r in rows if r["kind"] == "prefill"]
     if pre:
         extrapolated = any(r["bf16_extrapolated"] for r in pre)
         budget = f"{pre[0]['budget_bytes'] / 1e9:.0f} GB"
-        lines = ["| config | dtype | frames | ratio | windows (padded) | KV entries/layer | KV buffer f32 | "
-                 "KV buffer bf16 | arguments | of which uint8 frames | output | temp | "
-                 f"bf16 total | fits {budget} | compile s |"
-                 + (" device limit: fits |" if any("device_limit_bytes" in r for r in pre) else "")
-                 + (" executed |" if any("execute" in r for r in pre) else "")]
-        lines.append("|" + "---|" * (lines[0].count("|") - 1))
+        header = ("| config | dtype | frames | ratio | windows (padded) | KV entries/layer | KV buffer f32 | "
+                  "KV buffer bf16 | arguments | of which uint8 frames | output | temp | "
+                  f"bf16 total | fits {budget} | compile s |"
+                  + (" device limit: fits |" if any("device_limit_bytes" in r for r in pre) else "")
+                  + (" executed |" if any("execute" in r for r in pre) else ""))
+        body = []
         for r in pre:
             cells = [r["config"], r["dtype"], r["frames"], r["ratio"], f"{r['windows']} ({r['windows_padded']})",
                      r["kv_entries"], _g(r["kv_buffer_bytes_float32"]), _g(r["kv_buffer_bytes_bfloat16"]),
@@ -334,35 +341,31 @@ def markdown(rows: list[dict]) -> str:
             if any("execute" in x for x in pre):
                 ex = r.get("execute", {})
                 cells.append(f"{ex.get('status', '-')}" + (f" {ex['seconds']:.1f} s" if "seconds" in ex else ""))
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            body.append(cells)
         note = ("bf16 total = uint8 frames + (every other argument, output and temporary) / 2: the "
                 "program was compiled in float32 on the CPU and halved." if extrapolated else
                 "Figures are the compiled program's own (no extrapolation).")
-        parts.append("Compressed prefill (frames streamed, one row):\n\n" + "\n".join(lines) + "\n\n" + note)
+        parts.append("Compressed prefill (frames streamed, one row):\n\n" + _table(header, body) + "\n\n" + note)
     tr = [r for r in rows if r["kind"] == "train"]
     if tr:
-        lines = ["| config | frames | text tokens | ratio | compute dtype | remat layer/window | loss chunk | state | "
-                 "arguments | output | aliased | temp | total | compile s |"]
-        lines.append("|" + "---|" * (lines[0].count("|") - 1))
-        for r in tr:
-            cells = [r["config"], r["frames"], r.get("text_tokens", "-"), r["ratio"], r["dtype"],
-                     f"{r['remat_layer']}/{r['remat_window']}", r.get("loss_chunk") or "full", _g(r["state_bytes"]), _g(r["argument_bytes"]), _g(r["output_bytes"]), _g(r["alias_bytes"]),
-                     _g(r["temp_bytes"]), _g(r["total_bytes"]), f"{r['compile_s']:.1f}"]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        parts.append("Train step (AdamW, all parameters trainable, batch 1; state float32):\n\n" + "\n".join(lines)
+        header = ("| config | frames | text tokens | ratio | compute dtype | remat layer/window | loss chunk | state | "
+                  "arguments | output | aliased | temp | total | compile s |")
+        body = [[r["config"], r["frames"], r.get("text_tokens", "-"), r["ratio"], r["dtype"],
+                 f"{r['remat_layer']}/{r['remat_window']}", r.get("loss_chunk") or "full", _g(r["state_bytes"]),
+                 _g(r["argument_bytes"]), _g(r["output_bytes"]), _g(r["alias_bytes"]), _g(r["temp_bytes"]),
+                 _g(r["total_bytes"]), f"{r['compile_s']:.1f}"] for r in tr]
+        parts.append("Train step (AdamW, all parameters trainable, batch 1; state float32):\n\n" + _table(header, body)
                      + "\n\ntotal = arguments + outputs + temporaries - aliased (the donated state).")
     lo = [r for r in rows if r["kind"] == "loss"]
     if lo:
-        lines = ["| config | tokens | width | vocabulary | loss | arguments | output | temp | [T, V] logits f32 | "
-                 "compile s |"]
-        lines.append("|" + "---|" * (lines[0].count("|") - 1))
-        for r in lo:
-            what = "full logits" if r["loss_chunk"] is None else f"chunked, block {r['block']}"
-            cells = [r["config"], r["tokens"], r["width"], r["vocab"], what, _g(r["argument_bytes"]),
-                     _g(r["output_bytes"]), _g(r["temp_bytes"]), _g(r["logits_bytes"]), f"{r['compile_s']:.1f}"]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        header = ("| config | tokens | width | vocabulary | loss | arguments | output | temp | [T, V] logits f32 | "
+                  "compile s |")
+        body = [[r["config"], r["tokens"], r["width"], r["vocab"],
+                 "full logits" if r["loss_chunk"] is None else f"chunked, block {r['block']}",
+                 _g(r["argument_bytes"]), _g(r["output_bytes"]), _g(r["temp_bytes"]), _g(r["logits_bytes"]),
+                 f"{r['compile_s']:.1f}"] for r in lo]
         parts.append("Cross entropy through the LM head alone, forward + backward (d hidden, d head), float32:\n\n"
-                     + "\n".join(lines))
+                     + _table(header, body))
     return "\n\n".join(parts) + "\n"
 
 

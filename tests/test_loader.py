@@ -282,9 +282,8 @@ def test_image_records_single_multi_and_tiled(dataset, tmp_path):
         # Both placeholder layouts give the same frames; the merged one has the original's ids minus one -200.
         np.testing.assert_array_equal(got[1]["frames"], got[2]["frames"])
         if tiled:  # a.png's tiles: the 61x30 image fitted to 56x28 (no padding needed here), cut in two
-            from vxl_jax.data import unires
-            want = unires.tile_image(np.asarray(__import__("PIL.Image").Image.open(media / "a.png").convert("RGB")),
-                                     image.grid_pinpoints, 28).channels_first()
+            from vxl_jax.data import records, unires
+            want = unires.tile_image(records.read_image(str(media / "a.png")), image.grid_pinpoints, 28).channels_first()
             np.testing.assert_array_equal(got[0]["frames"][0, :2], want)
 
 

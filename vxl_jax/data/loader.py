@@ -194,7 +194,7 @@ class RecordTransform:
         if kind == "text":
             return np.zeros((0, 3, cfg.image_size, cfg.image_size), np.uint8)
         if kind == "video":
-            return preprocess.crop_frames_u8(records.read_media(record, cfg.media_root, cfg.sampling), cfg.image_size)
+            return preprocess.crop_frames_u8(records.read_video(record, cfg.media_root, cfg.sampling), cfg.image_size)
         frames = [preprocess.crop_frames_u8(unires.frames_for(image, cfg.image, cfg.image_size), cfg.image_size)
                   for image in records.read_images(record, cfg.media_root)]
         return np.concatenate(frames)

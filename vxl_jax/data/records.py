@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -104,15 +104,6 @@ def read_images(record: dict, media_root: str) -> list[np.ndarray]:
     return [read_image(os.path.join(media_root, p)) for p in paths]
 
 
-def read_media(record: dict, media_root: str, sampling: video.Sampling) -> Optional[np.ndarray]:
-    """uint8 frames [N, H, W, 3] of the record's video or images (all images must share a size); None for text."""
-    kind = media_kind(record)
-    if kind == "text":
-        return None
-    if kind == "video":
-        return video.read(os.path.join(media_root, record["video"]), sampling).frames
-    images = read_images(record, media_root)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"the record's images differ in size ({sorted(shapes)})")
-    return np.stack(images)
+def read_video(record: dict, media_root: str, sampling: video.Sampling) -> np.ndarray:
+    """uint8 frames [N, H, W, 3] sampled from the record's `video`."""
+    return video.read(os.path.join(media_root, record["video"]), sampling).frames
