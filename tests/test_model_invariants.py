@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from vxl_jax.model import attention, layers, qwen2, videoxl
+from vxl_jax.kernels import cpu_attention
 from vxl_jax.tiny import random_params, tiny_config
+
+# Every backend that runs here; the fused CPU kernel where it builds (it needs a C++ compiler).
+BACKENDS = ["xla", "jax"] + (["cpu"] if cpu_attention.available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,7 @@ def test_remat_changes_nothing(model, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
-@pytest.mark.parametrize("backend", ["xla", "jax"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block", [32, 512])
 def test_attention_backends_equal_dense_attention_values_and_gradients(backend, block):
     """Memory half (per-row lengths, one row empty, a partial last block) + causal half, values and gradients."""
@@ -123,11 +127,11 @@ def test_attention_without_memory_is_causal_self_attention():
     key, val = (jnp.asarray(rng.standard_normal((2, 9, 2, 8)), jnp.float32) for _ in range(2))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((9, 9), bool)), (2, 9, 9))
     want = attention.dense_attention(q, key, val, causal)
-    for backend in ("xla", "jax", "dense"):
+    for backend in BACKENDS + ["dense"]:
         np.testing.assert_allclose(attention.attend(q, key, val, backend=backend, block=4), want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["xla", "jax"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_attention_equals_dense_attention_values_and_gradients(backend):
     """The CLIP encoder's unmasked attention (one key block over the whole sequence on the xla path)."""
     rng = np.random.default_rng(2)
@@ -139,3 +143,50 @@ def test_full_attention_equals_dense_attention_values_and_gradients(backend):
     want = jax.grad(loss(attention.dense_attention), argnums=(0, 1, 2))(q, key, val)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "jax"])     # jax takes the xla path for subsets
+def test_attention_of_a_row_subset_equals_those_rows_of_the_full_attention(backend):
+    """q_pos: only some query rows (per-row positions), values and gradients equal the full call's rows."""
+    rng = np.random.default_rng(3)
+    b, u, s, n, k, h = 2, 40, 30, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, u, n, h)), jnp.float32)
+    key, val = (jnp.asarray(rng.standard_normal((b, u, k, h)), jnp.float32) for _ in range(2))
+    mem_k, mem_v = (jnp.asarray(rng.standard_normal((b, s, k, h)), jnp.float32) for _ in range(2))
+    mem_len = jnp.array([12, 0])
+    pos = jnp.asarray(np.stack([np.sort(rng.choice(u, 9, replace=False)) for _ in range(b)]), jnp.int32)
+    pos = pos.at[0, -1].set(u - 1)
+    pick = lambda x: jnp.take_along_axis(x, pos[:, :, None, None], axis=1)
+    sub = lambda *a: attention.attend(pick(a[0]), *a[1:], mem_len, q_pos=pos, backend=backend, block=16)
+    full = lambda *a: pick(attention.attend(*a, mem_len, backend="dense"))
+    args = (q, key, val, mem_k, mem_v)
+    np.testing.assert_allclose(sub(*args), full(*args), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(attention.attend(pick(q), key, val, mem_k, mem_v, mem_len, q_pos=pos, backend="dense"),
+                               full(*args), atol=1e-6, rtol=0)
+    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
+    for got, ref in zip(jax.grad(loss(sub), argnums=range(5))(*args), jax.grad(loss(full), argnums=range(5))(*args)):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_window_cuts_change_no_kept_entry(model):
+    """need_hidden=False (last layer: entries only; the one before: VST rows only) keeps what the full pass keeps,
+    with an invalid VST slot and rows of different memory lengths (3 layers: one of each mode). Gradients through
+    the cuts: tests/test_train_fixture.py (the tiny model's 2 layers are a "vst" and an "entries" layer there)."""
+    params, cfg = model
+    layers_count = 3
+    import dataclasses
+    lcfg = dataclasses.replace(cfg.llm, num_layers=layers_count)
+    stack = lambda p: jnp.concatenate([p, p[::-1] * 0.9])[:layers_count]      # the tiny model has 2 layers
+    llm = dict(params["llm"], layers=jax.tree.map(stack, params["llm"]["layers"]))
+    rng = np.random.default_rng(4)
+    b, t, size = 2, 11, 24
+    x = jnp.asarray(rng.standard_normal((b, t, lcfg.hidden_size)), jnp.float32)
+    cache = qwen2.KVCache(*(jnp.asarray(rng.standard_normal((layers_count, b, size, lcfg.num_kv_heads, lcfg.head_dim)),
+                                        jnp.float32) for _ in range(2)))
+    ctx = qwen2.make_context(lcfg, jnp.array([5, 9]), t, vst_slots=jnp.array([[2, 6, 10], [1, 5, 9]]),
+                             vst_valid=jnp.array([[True, True, True], [True, True, False]]))
+    run = lambda p, need: qwen2.decode_layers(p, lcfg, x, cache, ctx, need_hidden=need)[1]
+    want, got = run(llm, True), run(llm, False)
+    valid = ctx.vst_valid[None, :, :, None, None]
+    for a, c in ((got.k, want.k), (got.v, want.v)):
+        np.testing.assert_allclose(jnp.where(valid, a, 0), jnp.where(valid, c, 0), atol=2e-5, rtol=0)

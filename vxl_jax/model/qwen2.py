@@ -124,23 +124,30 @@ class DecoderLayer(nn.Module):
                                param_dtype=self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, mem_k, mem_v, ctx: StepContext, entries_only: bool = False):
+    def __call__(self, x, mem_k, mem_v, ctx: StepContext, rows: str = "all"):
         """x [B, T, D], this layer's memory mem_k/mem_v [B, S, K, H] -> (x, kept keys, kept values).
 
-        entries_only: compute just the kept entries (x comes back unchanged): the
-        last layer of a step whose hidden states nobody reads (a window).
+        rows: whose hidden states the step still needs after this layer.
+          "all"      every row's (a plain step).
+          "vst"      only the VST rows' (a window's penultimate layer: the last
+                     layer reads just them): every row's keys and values, but the
+                     queries, attention, o_proj and MLP only of the VST rows; the
+                     other rows of x come back unchanged.
+          "entries"  none: just the kept entries (x comes back unchanged), the
+                     last layer of a window, whose hidden states nobody reads.
         """
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_norm")(x)
         vst = [self._proj(n, f"vst_{p}_proj") for n, p in ((cfg.num_heads, "q"), (cfg.num_kv_heads, "k"),
                                                             (cfg.num_kv_heads, "v"))]
-        if entries_only:
+        if rows == "entries":
             if ctx.vst_slots is not None:
                 hv = _rows(h, ctx.vst_slots)
                 return x, apply_rope(vst[1](hv), *ctx.keep_rope), vst[2](hv)
             return (x, apply_rope(self._proj(cfg.num_kv_heads, "k_proj")(h), *ctx.rope),
                     self._proj(cfg.num_kv_heads, "v_proj")(h))
-        q = self._proj(cfg.num_heads, "q_proj")(h)          # [B, T, N, H]
+        if rows == "vst" and ctx.vst_slots is None:
+            raise ValueError('rows="vst" needs a step with VSTs (ctx.vst_slots)')
         k = self._proj(cfg.num_kv_heads, "k_proj")(h)       # [B, T, K, H]
         v = self._proj(cfg.num_kv_heads, "v_proj")(h)
         if self.is_initializing():
@@ -150,14 +157,27 @@ class DecoderLayer(nn.Module):
         if ctx.vst_slots is not None:
             hv = _rows(h, ctx.vst_slots)                     # [B, M, D]: only the VST rows
             vst_q, vst_k, vst_v = (proj(hv) for proj in vst)
-            q, k, v = (_set_rows(a, ctx.vst_slots, ctx.vst_valid, r) for a, r in ((q, vst_q), (k, vst_k), (v, vst_v)))
-        q = apply_rope(q, *ctx.rope)
+            k, v = (_set_rows(a, ctx.vst_slots, ctx.vst_valid, r) for a, r in ((k, vst_k), (v, vst_v)))
         k = apply_rope(k, *ctx.rope)
-        out = attend(q, k, v, mem_k, mem_v, ctx.mem_len, backend=cfg.attention)
-        x = x + nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="o_proj")(out)
-        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_norm")(x)
-        x = x + Mlp(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(h)
+        if rows == "vst":
+            # Invalid VST slots are ordinary rows: their queries take q_proj (their outputs go unread).
+            q = jnp.where(ctx.vst_valid[:, :, None, None], vst_q,
+                          self._proj(cfg.num_heads, "q_proj")(hv).astype(vst_q.dtype))
+            q = apply_rope(q, *(_rows(r, ctx.vst_slots) for r in ctx.rope))
+            out = attend(q, k, v, mem_k, mem_v, ctx.mem_len, q_pos=ctx.vst_slots, backend=cfg.attention)
+            xv = _rows(x, ctx.vst_slots)
+        else:
+            q = self._proj(cfg.num_heads, "q_proj")(h)      # [B, T, N, H]
+            if ctx.vst_slots is not None:
+                q = _set_rows(q, ctx.vst_slots, ctx.vst_valid, vst_q)
+            q = apply_rope(q, *ctx.rope)
+            out = attend(q, k, v, mem_k, mem_v, ctx.mem_len, backend=cfg.attention)
+            xv = x
+        xv = xv + nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="o_proj")(out)
+        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_norm")(xv)
+        xv = xv + Mlp(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(h)
+        x = _set_rows(x, ctx.vst_slots, ctx.vst_valid, xv) if rows == "vst" else xv
         if vst_k is not None:                               # keep the VSTs, at their compacted positions
             return x, apply_rope(vst_k, *ctx.keep_rope), vst_v
         return x, k, v
@@ -211,20 +231,24 @@ def decode_layers(params: dict, cfg: Qwen2Config, x: jax.Array, memory: Optional
     Returns the final-normed hidden states and the step's kept entries
     [L, B, T or M, K, H] (write them with `append(buffer, entries, ctx.mem_len)`).
     need_hidden=False (a window: only its kept entries matter) returns None for
-    the hidden states and skips the last layer's attention and MLP, which
-    nothing reads: it only projects the kept rows' keys and values.
+    the hidden states and skips the work nothing reads: the last layer only
+    projects the kept rows' keys and values, and with VSTs the layer before it
+    runs queries, attention and MLP only for the VST rows (the last layer reads
+    nothing else).
     """
     dtype = dtype or x.dtype
     layer = DecoderLayer(cfg, dtype=dtype, param_dtype=params["embed_tokens"].dtype)
-    last = cfg.num_layers - 1
+    modes = ("all",) if need_hidden else ("all", "vst", "entries") if ctx.vst_slots is not None else ("all", "entries")
+    first_cut = cfg.num_layers - len(modes) + 1      # the layers from here on take modes[1:], one each
 
     def body(h, xs):
         p, mk, mv, i = xs
-        run = lambda only: (lambda h: layer.apply({"params": p}, h, mk, mv, ctx, only))
-        if need_hidden:
-            h, k, v = run(False)(h)
+        branches = [functools.partial(lambda h, m: layer.apply({"params": p}, h, mk, mv, ctx, m), m=m)
+                    for m in modes]
+        if len(branches) == 1:
+            h, k, v = branches[0](h)
         else:
-            h, k, v = jax.lax.cond(i == last, run(True), run(False), h)
+            h, k, v = jax.lax.switch(jnp.clip(i - first_cut + 1, 0, len(modes) - 1), branches, h)
         # Block boundary: rows stay on their data-parallel devices, the width whole (RULES).
         return parallel.constrain(h, ("batch", "seq", "act_embed")), (k, v)
 

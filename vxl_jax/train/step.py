@@ -58,6 +58,7 @@ class StepSettings:
     dtype: str = "float32"          # compute dtype; parameters and optimizer state stay float32
     remat_layer: str = "none"       # qwen2.REMAT_POLICIES, per decoder layer
     remat_window: str = "full"      # per compression window (the scan body): keep only the carried memory
+                                    # (a batch of one window is never recomputed: nothing to save)
     max_bad_steps: int = 10         # consecutive steps with a non-finite loss or gradient norm before the run stops
     loss_chunk: Optional[int] = DEFAULT_BLOCK   # vocabulary block of the chunked cross entropy; None: full logits
     pixel_mean: tuple[float, ...] = PIXEL_NORM_U8[0]   # on uint8 pixels
