@@ -72,7 +72,7 @@ def main() -> None:
     args = p.parse_args()
 
     import jax
-    from vxl_jax import parallel
+    from vxl_jax import hostmem, parallel
     from vxl_jax.compress.plan import make_plan
     from vxl_jax.config import VideoXLConfig
     from vxl_jax.model import videoxl
@@ -100,6 +100,7 @@ def main() -> None:
             t0 = time.perf_counter()
             compiled = jitted.lower(state, inputs, spec=prepared.spec).compile()
             compile_s = time.perf_counter() - t0
+            hostmem.release_freed()          # as `vxl train` does after a compilation
             plans = [make_plan(14, frames * cfg.tokens_per_frame, 32,
                                [args.ratio] * -(-frames * cfg.tokens_per_frame // cfg.vst.window),
                                window=cfg.vst.window)] * jax.device_count()

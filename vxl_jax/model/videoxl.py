@@ -38,7 +38,10 @@ def init_params(cfg: VideoXLConfig, key: jax.Array, param_dtype=jnp.float32) -> 
 
 def clip_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Selected CLIP hidden state without CLS: [F, g*g, Dv]."""
-    hidden = clip.hidden_state(params["vision"], cfg.vision, pixels, cfg.vision_layers_used, dtype=dtype)
+    # Under differentiation each CLIP layer keeps only its input and recomputes the rest in the backward
+    # (a no-op without gradients): bench_small, 10 frames, one train step 1.70 -> 1.39 s, peak RSS 2.9 -> 1.6 GB,
+    # the stacked per-layer residuals of every frame chunk cost more memory traffic than the recompute.
+    hidden = clip.hidden_state(params["vision"], cfg.vision, pixels, cfg.vision_layers_used, dtype=dtype, remat=True)
     return hidden[:, 1:]
 
 

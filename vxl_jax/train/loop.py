@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from vxl_jax import parallel
+from vxl_jax import hostmem, parallel
 from vxl_jax.conversion.checkpoint import load_model, write_hf
 from vxl_jax.data import loader as loader_lib
 from vxl_jax.data import synthetic
@@ -157,6 +157,7 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
         last_loss, stopped = None, False
         nan_steps = set(cfg.debug_nan_steps)
         bad_in_a_row, bad_total = 0, 0
+        compiled_specs = set()
         try:
             with _StopFlag() as stop:
                 step = start
@@ -172,6 +173,9 @@ def run(cfg: TrainConfig, workdir: str, *, progress: bool = True, stdout: bool =
                     else:
                         state, out = step_fn(state, inputs, spec=prepared.spec)
                     out = jax.device_get(out)
+                    if prepared.spec not in compiled_specs:     # it compiled: give the compiler's garbage back
+                        compiled_specs.add(prepared.spec)
+                        hostmem.release_freed()
                     t2 = time.perf_counter()
                     step += 1
                     last_loss = float(out["loss"])
