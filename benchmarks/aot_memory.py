@@ -28,9 +28,11 @@ On a CPU, estimate in float32 (the default `--dtype`): XLA's CPU backend upcasts
 bfloat16 matmuls, so a bfloat16 compile there measures neither the CPU nor a GPU.
 The bfloat16 figure printed next to it is an extrapolation: every float figure
 halved; the uint8 frames argument does not halve and is reported on its own.
-CPU caveats: the CPU program runs CLIP 2 frames at a time and the blocked "xla"
-attention; on a GPU CLIP takes a window's frames at once and the attention is
-cuDNN's, so temporaries differ. On a GPU, pass `--dtype bfloat16`: the figures
+CPU caveats: the CPU program runs CLIP 2 frames at a time and the CPU's default
+attention (the fused kernels of `vxl_jax/kernels/` where they build: their few MB
+of scratch are invisible to XLA; the README's table was computed before them,
+with the blocked "xla" attention); on a GPU CLIP takes a window's frames at once
+and the attention is cuDNN's, so temporaries differ. On a GPU, pass `--dtype bfloat16`: the figures
 are then the device's own, nothing is extrapolated, and `--execute` also runs
 the compiled prefill once (random weights and frames) to see whether it really
 fits (it OOMs at allocation, right at the start, if it does not).
