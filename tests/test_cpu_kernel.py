@@ -176,15 +176,21 @@ def test_vmap_and_validation():
         cpu_attention.forward(q, k, v, mk, mv, ml, jnp.zeros((1, 3), jnp.int32))
 
 
-@pytest.mark.slow
-def test_portable_fallback(tmp_path, monkeypatch):
-    """The scalar / auto-vectorised path (built without AVX-512) computes the same."""
+def _portable_target(tmp_path, monkeypatch, target: str, symbol: str) -> str:
+    """Builds the library without AVX-512 (the portable path) and registers `symbol` under a test name."""
     import ctypes
 
     monkeypatch.setenv("VXL_KERNEL_CACHE", str(tmp_path))
     lib = ctypes.CDLL(str(cpu_attention._build(cpu_attention._compiler(), ("-mno-avx512f",))))
-    name = cpu_attention.TARGET + "_portable_test"
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, cpu_attention.SYMBOL)), platform="cpu")
+    name = target + "_portable_test"
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return name
+
+
+@pytest.mark.slow
+def test_portable_fallback(tmp_path, monkeypatch):
+    """The scalar / auto-vectorised path (built without AVX-512) computes the same."""
+    name = _portable_target(tmp_path, monkeypatch, cpu_attention.TARGET, cpu_attention.SYMBOL)
     rng = np.random.default_rng(8)
     b, t, s, g, kv_heads, h = 2, 70, 40, 4, 2, 40
     q, k, v, mk, mv = _inputs(rng, b, t, s, g, kv_heads, h)
@@ -256,14 +262,7 @@ def _check_grads(grads, ref, primals, mem_len, atol=ATOL):
         assert not np.any(np.asarray(grads[3])[i, m:]) and not np.any(np.asarray(grads[4])[i, m:])
 
 
-BACKWARD_CASES = [  # b, t, s, g, kv_heads, h, mem_len
-    (1, 1, 0, 1, 1, 64, [0]),                 # decode with nothing but itself
-    (2, 1, 260, 4, 2, 64, [259, 0]),          # decode over memory
-    (1, 5, 3, 4, 2, 128, [3]),
-    (2, 37, 260, 4, 2, 64, [0, 260]),         # one row without memory, one with the full buffer
-    (2, 37, 3, 1, 2, 32, [1, 2]),
-    (1, 300, 260, 1, 4, 128, [131]),
-    (2, 300, 0, 4, 1, 64, [0, 0]),            # causal only; two pairs of equal cost
+BACKWARD_CASES = CASES[:7] + [            # the forward's up to "causal only" (two pairs of equal cost), then
     (1, 37, 260, 2, 2, 48, [200]),            # head dim not a multiple of 16
     (2, 300, 260, 4, 1, 64, [17, 260]),       # threaded, pairs of different cost (split into parts)
 ]
@@ -364,12 +363,7 @@ def test_backward_vmap_and_validation():
 @pytest.mark.slow
 def test_portable_fallback_backward(tmp_path, monkeypatch):
     """The backward built without AVX-512 computes the same."""
-    import ctypes
-
-    monkeypatch.setenv("VXL_KERNEL_CACHE", str(tmp_path))
-    lib = ctypes.CDLL(str(cpu_attention._build(cpu_attention._compiler(), ("-mno-avx512f",))))
-    name = cpu_attention.TARGET_BACKWARD + "_portable_test"
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, cpu_attention.SYMBOL_BACKWARD)), platform="cpu")
+    name = _portable_target(tmp_path, monkeypatch, cpu_attention.TARGET_BACKWARD, cpu_attention.SYMBOL_BACKWARD)
     rng = np.random.default_rng(27)
     primals, _, ref = _backward_case(rng, 2, 70, 40, 4, 2, 40, [40, 3])
     call = jax.ffi.ffi_call(name, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in primals[:5]))

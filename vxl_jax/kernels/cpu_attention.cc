@@ -211,17 +211,23 @@ static void scores(const float* qt, const float* kp, int64_t kstride, int h_dim,
   }
 }
 
-// O^T[d][.] = alpha * O^T[d][.] + sum_j V[j][h0 + d] * P^T[j][.] for HB head dims and RV row vectors.
+// O^T[d][.] = alpha * O^T[d][.] + sum_j V[j][h0 + d] * P^T[j][.] for HB head dims and RV row vectors
+// (alpha null: no rescale; the backward accumulates dQ^T with it).
 // ot: O^T row h0; vp: V row 0 at column h0.
 template <int RV, int HB>
 static inline void pv_kernel(float* __restrict ot, const float* __restrict alpha, const float* __restrict p,
                              int nk, const float* __restrict vp, int64_t vstride) {
   constexpr int RS = RV * kLanes;
   vf acc[HB][RV];
-  vf al[RV];
-  VXL_UNROLL for (int r = 0; r < RV; ++r) al[r] = ld(alpha + r * kLanes);
-  VXL_UNROLL for (int d = 0; d < HB; ++d) VXL_UNROLL for (int r = 0; r < RV; ++r)
-      acc[d][r] = mul(ld(ot + d * RS + r * kLanes), al[r]);
+  if (alpha != nullptr) {
+    vf al[RV];
+    VXL_UNROLL for (int r = 0; r < RV; ++r) al[r] = ld(alpha + r * kLanes);
+    VXL_UNROLL for (int d = 0; d < HB; ++d) VXL_UNROLL for (int r = 0; r < RV; ++r)
+        acc[d][r] = mul(ld(ot + d * RS + r * kLanes), al[r]);
+  } else {
+    VXL_UNROLL for (int d = 0; d < HB; ++d) VXL_UNROLL for (int r = 0; r < RV; ++r)
+        acc[d][r] = ld(ot + d * RS + r * kLanes);
+  }
   for (int j = 0; j < nk; ++j) {
     vf pv[RV];
     VXL_UNROLL for (int r = 0; r < RV; ++r) pv[r] = ld(p + j * RS + r * kLanes);
@@ -484,15 +490,15 @@ static void run_all(const Problem& pr, int max_rv) {
   if (failed) throw std::bad_alloc();
 }
 
-static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                          ffi::Buffer<ffi::F32> mem_k, ffi::Buffer<ffi::F32> mem_v, ffi::Buffer<ffi::S32> mem_len,
-                          ffi::Buffer<ffi::S32> q_pos, ffi::ResultBuffer<ffi::F32> out,
-                          ffi::ResultBuffer<ffi::F32> lse) {
+// Reads and checks the shapes shared by both handlers into pr (and the input pointers); who names the call.
+static ffi::Error read_problem(const char* who, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                               ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& mem_k, ffi::Buffer<ffi::F32>& mem_v,
+                               ffi::Buffer<ffi::S32>& mem_len, ffi::Buffer<ffi::S32>& q_pos, Problem& pr) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   auto md = mem_k.dimensions(), nd = mem_v.dimensions();
+  auto fail = [who](const char* what) { return ffi::Error::InvalidArgument(std::string(who) + ": " + what); };
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 4 || nd.size() != 4)
-    return ffi::Error::InvalidArgument("vxl flash attention: q, k, v, mem_k, mem_v must be rank 4");
-  Problem pr;
+    return fail("q, k, v, mem_k, mem_v must be rank 4");
   pr.b = qd[0];
   pr.t = qd[1];
   pr.n = qd[2];
@@ -501,18 +507,17 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi:
   pr.kv = kd[2];
   pr.s = md[1];
   for (int i = 0; i < 4; ++i)
-    if (vd[i] != kd[i] || nd[i] != md[i])
-      return ffi::Error::InvalidArgument("vxl flash attention: k/v or mem_k/mem_v shapes differ");
+    if (vd[i] != kd[i] || nd[i] != md[i]) return fail("k/v or mem_k/mem_v shapes differ");
   if (kd[0] != pr.b || md[0] != pr.b || kd[3] != pr.h || md[3] != pr.h || md[2] != pr.kv || pr.kv <= 0 ||
       pr.n % pr.kv != 0)
-    return ffi::Error::InvalidArgument("vxl flash attention: inconsistent q/k/mem shapes");
+    return fail("inconsistent q/k/mem shapes");
   if (mem_len.element_count() != static_cast<size_t>(pr.b) ||
       q_pos.element_count() != static_cast<size_t>(pr.b * pr.t))
-    return ffi::Error::InvalidArgument("vxl flash attention: mem_len must be [B] and q_pos [B, T]");
+    return fail("mem_len must be [B] and q_pos [B, T]");
   pr.g = pr.n / pr.kv;
   pr.rows = pr.t * pr.g;
   if (pr.h > (1 << 20) || pr.rows > INT32_MAX / 2 || pr.u > INT32_MAX / 2 || pr.s > INT32_MAX / 2)
-    return ffi::Error::InvalidArgument("vxl flash attention: shapes too large");
+    return fail("shapes too large");
   pr.q = q.typed_data();
   pr.k = k.typed_data();
   pr.v = v.typed_data();
@@ -520,6 +525,16 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi:
   pr.mv = mem_v.typed_data();
   pr.mem_len = mem_len.typed_data();
   pr.q_pos = q_pos.typed_data();
+  return ffi::Error::Success();
+}
+
+static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                          ffi::Buffer<ffi::F32> mem_k, ffi::Buffer<ffi::F32> mem_v, ffi::Buffer<ffi::S32> mem_len,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> lse) {
+  Problem pr;
+  if (ffi::Error err = read_problem("vxl flash attention", q, k, v, mem_k, mem_v, mem_len, q_pos, pr); err.failure())
+    return err;
   pr.out = out->typed_data();
   pr.lse = lse->typed_data();
   if (pr.b == 0 || pr.rows == 0) return ffi::Error::Success();
@@ -570,46 +585,6 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi:
 constexpr int kJ = 6;             // keys per outer micro-kernel
 constexpr int kHV = 4;            // head-dim vectors per outer micro-kernel
 constexpr float kNoRow = 1e30f;   // lse (base 2) of a row that must contribute nothing: exp2(s - 1e30) = 0
-
-// dQ^T[d][.] += sum_j K[j][h0 + d] * dS^T[j][.] for HB head dims and RV row vectors.
-template <int RV, int HB>
-static inline void dq_kernel(float* __restrict qt, const float* __restrict ds, int nk,
-                             const float* __restrict kp, int64_t kstride) {
-  constexpr int RS = RV * kLanes;
-  vf acc[HB][RV];
-  VXL_UNROLL for (int d = 0; d < HB; ++d) VXL_UNROLL for (int r = 0; r < RV; ++r)
-      acc[d][r] = ld(qt + d * RS + r * kLanes);
-  for (int j = 0; j < nk; ++j) {
-    vf dv[RV];
-    VXL_UNROLL for (int r = 0; r < RV; ++r) dv[r] = ld(ds + j * RS + r * kLanes);
-    const float* kr = kp + j * kstride;
-    VXL_UNROLL for (int d = 0; d < HB; ++d) {
-      vf b = bc(kr + d);
-      VXL_UNROLL for (int r = 0; r < RV; ++r) acc[d][r] = fma(b, dv[r], acc[d][r]);
-    }
-  }
-  VXL_UNROLL for (int d = 0; d < HB; ++d) VXL_UNROLL for (int r = 0; r < RV; ++r)
-      st(qt + d * RS + r * kLanes, acc[d][r]);
-}
-
-template <int RV>
-static void dq_acc(float* qt, const float* ds, int nk, const float* kp, int64_t kstride, int h_dim) {
-  constexpr int RS = RV * kLanes;
-  int h = 0;
-  for (; h + kDims <= h_dim; h += kDims) dq_kernel<RV, kDims>(qt + h * RS, ds, nk, kp + h, kstride);
-  float* qh = qt + h * RS;
-  const float* kh = kp + h;
-  switch (h_dim - h) {
-    case 1: dq_kernel<RV, 1>(qh, ds, nk, kh, kstride); break;
-    case 2: dq_kernel<RV, 2>(qh, ds, nk, kh, kstride); break;
-    case 3: dq_kernel<RV, 3>(qh, ds, nk, kh, kstride); break;
-    case 4: dq_kernel<RV, 4>(qh, ds, nk, kh, kstride); break;
-    case 5: dq_kernel<RV, 5>(qh, ds, nk, kh, kstride); break;
-    case 6: dq_kernel<RV, 6>(qh, ds, nk, kh, kstride); break;
-    case 7: dq_kernel<RV, 7>(qh, ds, nk, kh, kstride); break;
-    default: break;
-  }
-}
 
 // A[j][.] += sum_r P^T[j][r] * X[r][.] for NJ keys (rows of A hp apart) and HV vectors of head dims;
 // P^T [nk][RS] at key j0, X [RS][hp] at the first head-dim vector.
@@ -804,7 +779,7 @@ static void run_strip_bwd(const BwdProblem& bp, int64_t b, int64_t kh, int64_t r
     scores<RV>(sc.qt, kp, kstride, static_cast<int>(H), nk, sc.s);
     scores<RV>(sc.dot, vp, kstride, static_cast<int>(H), nk, sc.dp);
     probs_chunk<RV>(sc.s, sc.dp, nk, masked, j_base, sc.lse2, sc.delta, sc.lim);
-    dq_acc<RV>(sc.dqt, sc.dp, nk, kp, kstride, static_cast<int>(H));
+    pv<RV>(sc.dqt, nullptr, sc.dp, nk, kp, kstride, static_cast<int>(H));   // dQ^T += K^T dS^T: pv's kernel, no rescale
     outer<RV>(av, hp, sc.s, nk, sc.dor);
     outer<RV>(ak, hp, sc.dp, nk, sc.qr);
   };
@@ -1041,42 +1016,16 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
                            ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                            ffi::ResultBuffer<ffi::F32> d_mem_k, ffi::ResultBuffer<ffi::F32> d_mem_v) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  auto md = mem_k.dimensions(), nd = mem_v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 4 || nd.size() != 4)
-    return ffi::Error::InvalidArgument("vxl flash attention backward: q, k, v, mem_k, mem_v must be rank 4");
   BwdProblem bp;
   Problem& pr = bp.f;
-  pr.b = qd[0];
-  pr.t = qd[1];
-  pr.n = qd[2];
-  pr.h = qd[3];
-  pr.u = kd[1];
-  pr.kv = kd[2];
-  pr.s = md[1];
-  for (int i = 0; i < 4; ++i)
-    if (vd[i] != kd[i] || nd[i] != md[i])
-      return ffi::Error::InvalidArgument("vxl flash attention backward: k/v or mem_k/mem_v shapes differ");
-  if (kd[0] != pr.b || md[0] != pr.b || kd[3] != pr.h || md[3] != pr.h || md[2] != pr.kv || pr.kv <= 0 ||
-      pr.n % pr.kv != 0)
-    return ffi::Error::InvalidArgument("vxl flash attention backward: inconsistent q/k/mem shapes");
+  if (ffi::Error err = read_problem("vxl flash attention backward", q, k, v, mem_k, mem_v, mem_len, q_pos, pr);
+      err.failure())
+    return err;
   const size_t q_count = static_cast<size_t>(pr.b * pr.t * pr.n * pr.h);
-  if (mem_len.element_count() != static_cast<size_t>(pr.b) ||
-      q_pos.element_count() != static_cast<size_t>(pr.b * pr.t) || out.element_count() != q_count ||
-      d_out.element_count() != q_count || lse.element_count() != static_cast<size_t>(pr.b * pr.t * pr.n))
+  if (out.element_count() != q_count || d_out.element_count() != q_count ||
+      lse.element_count() != static_cast<size_t>(pr.b * pr.t * pr.n))
     return ffi::Error::InvalidArgument(
-        "vxl flash attention backward: mem_len must be [B], q_pos [B, T], out/d_out like q, lse [B, K, G, T]");
-  pr.g = pr.n / pr.kv;
-  pr.rows = pr.t * pr.g;
-  if (pr.h > (1 << 20) || pr.rows > INT32_MAX / 2 || pr.u > INT32_MAX / 2 || pr.s > INT32_MAX / 2)
-    return ffi::Error::InvalidArgument("vxl flash attention backward: shapes too large");
-  pr.q = q.typed_data();
-  pr.k = k.typed_data();
-  pr.v = v.typed_data();
-  pr.mk = mem_k.typed_data();
-  pr.mv = mem_v.typed_data();
-  pr.mem_len = mem_len.typed_data();
-  pr.q_pos = q_pos.typed_data();
+        "vxl flash attention backward: out/d_out must be shaped like q, lse [B, K, G, T]");
   pr.out = nullptr;
   pr.lse = const_cast<float*>(lse.typed_data());   // read only
   bp.o = out.typed_data();
