@@ -280,12 +280,16 @@ def _forward(q, k, v, mem_k, mem_v, mem_len, block, q_pos=None):
     return _unfold(out).astype(q.dtype), jnp.concatenate(lses, axis=3)
 
 
+def _as_f32(*arrays):
+    """The CPU kernels take float32: a bfloat16 step computes its attention in float32 there."""
+    return tuple(x.astype(jnp.float32) for x in arrays)
+
+
 def _forward_any(q, k, v, mem_k, mem_v, mem_len, q_pos, block, backend):
     if backend == "xla":
         return _forward(q, k, v, mem_k, mem_v, mem_len, block, q_pos)
-    if backend == "cpu":                                   # the kernel takes float32
-        f32 = lambda x: x.astype(jnp.float32)
-        out, lse = cpu_attention.forward(*map(f32, (q, k, v, mem_k, mem_v)), mem_len, q_pos)
+    if backend == "cpu":
+        out, lse = cpu_attention.forward(*_as_f32(q, k, v, mem_k, mem_v), mem_len, q_pos)
         return out.astype(q.dtype), lse
     return _two_calls(q, k, v, mem_k, mem_v, mem_len, backend)
 
@@ -316,10 +320,10 @@ def _block_grads(qf, dof, delta, lse, kb, vb, valid):
 
 def _flash_bwd(block, backend, res, d_out):
     q, k, v, mem_k, mem_v, mem_len, q_pos, out, lse = res
-    if backend == "cpu":                                   # the fused kernel, float32
-        f32 = lambda x: x.astype(jnp.float32)
-        grads = cpu_attention.backward(*map(f32, (q, k, v, mem_k, mem_v)), mem_len, q_pos, f32(out), lse, f32(d_out))
-        return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v, mem_k, mem_v))) + (None, None)
+    if backend == "cpu":
+        primals = (q, k, v, mem_k, mem_v)
+        grads = cpu_attention.backward(*_as_f32(*primals), mem_len, q_pos, *_as_f32(out), lse, *_as_f32(d_out))
+        return tuple(g.astype(x.dtype) for g, x in zip(grads, primals)) + (None, None)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     scale = h ** -0.5
