@@ -18,6 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from vxl_jax import program_cache
 from vxl_jax.compress.memory import Memory
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import qwen2
@@ -131,6 +132,6 @@ def generate(params: dict, cfg: VideoXLConfig, memory: Memory, last_logits: jax.
     return Generation(tokens=tokens, num_tokens=count, memory=memory, step_logits=all_logits)
 
 
-generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids", "pad_id",
-                                                  "return_logits", "dtype"))
+generate_jit = program_cache.jit(generate, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_ids",
+                                                            "pad_id", "return_logits", "dtype"))
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vxl_jax import pipeline
+from vxl_jax import pipeline, program_cache
 from vxl_jax.compress import schedules
 from vxl_jax.compress.memory import Memory
 from vxl_jax.config import VideoXLConfig
@@ -335,4 +335,4 @@ def _frame_means(params, cfg: VideoXLConfig, frames_u8, dtype):
     return videoxl.frame_features(params, cfg, pixels, dtype=dtype).astype(jnp.float32).mean(axis=1)
 
 
-_frame_means_jit = jax.jit(_frame_means, static_argnames=("cfg", "dtype"))
+_frame_means_jit = program_cache.jit(_frame_means, static_argnames=("cfg", "dtype"))

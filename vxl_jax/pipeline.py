@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vxl_jax import program_cache
 from vxl_jax.compress import packing
 from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import Buckets, PlanArrays, PrefillSpec
@@ -166,7 +167,7 @@ def _encode(params, cfg: VideoXLConfig, plan: PlanArrays, visual, *, spec: Prefi
     return memory
 
 
-encode_jit = jax.jit(_encode, static_argnames=("cfg", "spec", "dtype"))
+encode_jit = program_cache.jit(_encode, static_argnames=("cfg", "spec", "dtype"))
 
 
 def encode(params: dict, cfg: VideoXLConfig, prepared: Prepared, *, pixel_norm: Optional[tuple] = None,
@@ -207,7 +208,7 @@ def _ask_prefill(params, cfg: VideoXLConfig, memory: Memory, rows, ids, lengths,
     return asked, logits
 
 
-_ask_prefill_jit = jax.jit(_ask_prefill, static_argnames=("cfg", "size", "dtype"))
+_ask_prefill_jit = program_cache.jit(_ask_prefill, static_argnames=("cfg", "size", "dtype"))
 
 
 def ask(params: dict, cfg: VideoXLConfig, memory: Memory, rows: Sequence[int], suffixes: Sequence[np.ndarray], *,

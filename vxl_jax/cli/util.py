@@ -11,6 +11,7 @@ from typing import Iterator, Mapping, Optional
 # The persistent compilation cache (see `resolve_compilation_cache`).
 COMPILATION_CACHE_ENV = "VXL_COMPILATION_CACHE"
 OFF = ("off", "0")
+PROGRAMS = "programs"   # the subfolder of `vxl_jax.program_cache`'s entries
 
 
 def peak_rss_mib() -> float:
@@ -61,12 +62,17 @@ CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
 def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
     """JAX's persistent compilation cache in `folder` (None: off) while the block runs; restored afterwards.
 
+    The programs of `vxl_jax.program_cache` (serialized executables keyed before tracing, so that a warm process
+    skips tracing and lowering too) are kept in its subfolder `programs`.
+
     Also sets `$VXL_COMPILATION_CACHE` for the block, so child processes started by the command (`vxl demo`'s
     training run) use the same folder. A folder that cannot be created turns the cache off, with a warning.
     Yields the folder in use (None when off).
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    from vxl_jax import program_cache
 
     if folder is not None:
         try:
@@ -82,6 +88,8 @@ def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
     for name, value in settings.items():
         jax.config.update(name, value)
     jax_cache.reset_cache()   # jax opens its cache once per process, at the first compilation: reopen it here
+    # Beside it, our whole-program cache (no tracing either) in a subfolder, so that one folder holds both.
+    saved_programs = program_cache.set_folder(None if folder is None else os.path.join(folder, PROGRAMS))
     os.environ[COMPILATION_CACHE_ENV] = folder if folder is not None else OFF[0]
     try:
         yield folder
@@ -89,6 +97,7 @@ def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
         for name, value in saved.items():
             jax.config.update(name, value)
         jax_cache.reset_cache()
+        program_cache.set_folder(saved_programs)
         if saved_env is None:
             os.environ.pop(COMPILATION_CACHE_ENV, None)
         else:

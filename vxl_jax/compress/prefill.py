@@ -34,7 +34,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from vxl_jax import parallel
+from vxl_jax import parallel, program_cache
 from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import PlanArrays, PrefillSpec
 from vxl_jax.config import VideoXLConfig
@@ -212,4 +212,5 @@ def prefill(params: dict, cfg: VideoXLConfig, plan: PlanArrays, visual: jax.Arra
                          suffix_hidden=hidden, memory_before=memory_before)
 
 
-prefill_jit = jax.jit(prefill, static_argnames=("cfg", "spec", "dtype", "remat", "remat_window"))
+prefill_jit = program_cache.jit(prefill,
+                                static_argnames=("cfg", "spec", "dtype", "remat", "remat_window"))

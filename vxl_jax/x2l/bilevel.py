@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vxl_jax import program_cache
 from vxl_jax.compress import packing
 from vxl_jax.compress.memory import Memory
 from vxl_jax.compress.packing import Buckets, PlanArrays, PrefillSpec
@@ -63,7 +64,7 @@ def encode(params: dict, cfg: VideoXLConfig, low_plan: PlanArrays, high_plan: Pl
     return BiLevel(low, high, low_starts, high_starts, means)
 
 
-encode_jit = jax.jit(encode, static_argnames=("cfg", "low_spec", "high_spec", "dtype"))
+encode_jit = program_cache.jit(encode, static_argnames=("cfg", "low_spec", "high_spec", "dtype"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vxl_jax import program_cache
 from vxl_jax.compress.memory import Memory, shift_keys
 from vxl_jax.model.qwen2 import KVCache
 from vxl_jax.x2l.bilevel import Encoding
@@ -68,8 +69,8 @@ def _gather(low: KVCache, high: KVCache, level: jax.Array, index: jax.Array) -> 
     return KVCache(pick(low.k, high.k), pick(low.v, high.v))
 
 
-_gather_jit = jax.jit(_gather)
-_shift_jit = jax.jit(shift_keys, static_argnames=("theta",))
+_gather_jit = program_cache.jit(_gather)
+_shift_jit = program_cache.jit(shift_keys, static_argnames=("theta",))
 
 
 def _renumbered(cache: KVCache, index: np.ndarray, theta: float) -> KVCache:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vxl_jax import program_cache
 from vxl_jax.compress.packing import Buckets
 from vxl_jax.compress.prefill import run_text
 from vxl_jax.config import VideoXLConfig
@@ -129,7 +130,7 @@ def _text_step(params, cfg, memory, ids, lengths, dtype):
     return memory, logits, jnp.argmax(logits, axis=-1)
 
 
-_text_jit = jax.jit(_text_step, static_argnames=("cfg", "dtype"))
+_text_jit = program_cache.jit(_text_step, static_argnames=("cfg", "dtype"))
 
 
 def answer(params: dict, cfg: VideoXLConfig, enc: Encoding, selected: Sequence[Sequence[bool]],
