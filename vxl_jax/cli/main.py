@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vxl",
         description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, evaluate (multiple-choice QA, needle in a haystack), train, check parity with golden cases.",
         epilog="Run `vxl COMMAND --help` for a command's options. Compiled programs are kept in a persistent "
-               "cache, so a second run of a command does not compile them again: by default in "
+               "cache, so a second run of a command does not compile them again (the model's programs are "
+               "not even traced again: their executables are kept in the folder's programs/): by default in "
                "${XDG_CACHE_HOME:-~/.cache}/vxl_jax/jax_cache; move it with --compilation-cache DIR or "
                f"${COMPILATION_CACHE_ENV}=DIR, turn it off with the value off (or 0); delete the folder to "
                "empty it.")
