@@ -23,7 +23,7 @@ The CLI turns the cache on beside JAX's persistent cache (`vxl --compilation-cac
 - the process sees more than one device.
 
 An entry that cannot be read is compiled again and rewritten. Entries are never evicted: delete the folder to
-empty it.
+empty it. Entries are pickles of executables, as in JAX's own cache: keep the folder where only you can write.
 """
 
 from __future__ import annotations
