@@ -100,6 +100,29 @@ def test_model_args_map_to_the_cli_options(monkeypatch):
         VXLJax()
 
 
+def test_the_compilation_caches_are_on_as_in_the_cli_unless_off(monkeypatch, tmp_path):
+    import jax
+
+    from vxl_jax import program_cache
+
+    monkeypatch.setenv("VXL_COMPILATION_CACHE", str(tmp_path / "from_env"))
+    for arg, folder in [(None, tmp_path / "from_env"), (str(tmp_path / "given"), tmp_path / "given")]:
+        model, _ = _model(monkeypatch, **({} if arg is None else {"compilation_cache": arg}))
+        try:
+            assert model.compilation_cache == str(folder) == jax.config.jax_compilation_cache_dir
+            assert jax.config.jax_enable_compilation_cache and folder.is_dir()
+            assert program_cache.folder() == str(folder / "programs")
+        finally:
+            model.restore_compilation_cache()
+    for off in ("off", False, 0):
+        model, _ = _model(monkeypatch, compilation_cache=off)
+        try:
+            assert model.compilation_cache is None and program_cache.folder() is None
+            assert not jax.config.jax_enable_compilation_cache
+        finally:
+            model.restore_compilation_cache()
+
+
 def test_each_video_is_encoded_once_and_questions_are_batched(monkeypatch, tmp_path):
     from PIL import Image
 
@@ -182,7 +205,8 @@ def test_lmms_eval_runs_vxl_jax_on_a_local_task(task):
     env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "vxl_jax",
-           "--model_args", f"pretrained={root / 'ckpt'},max_frames_num=4,strict=true",
+           "--model_args", f"pretrained={root / 'ckpt'},max_frames_num=4,strict=true,"
+                           f"compilation_cache={root / 'cache'}",
            "--tasks", name, "--include_path", str(root / "task"), "--output_path", str(out),
            "--batch_size", "1", "--log_samples"]
     t = time.perf_counter()
@@ -200,6 +224,8 @@ def test_lmms_eval_runs_vxl_jax_on_a_local_task(task):
     samples = [json.loads(line) for line in open(glob.glob(str(out / "*" / f"*_samples_{name}.jsonl"))[0])]
     assert sorted(s["doc_id"] for s in samples) == list(range(len(docs)))
     assert all(s["accuracy"] in (0.0, 1.0) for s in samples)
+    kept = {p.name.split("-")[0] for p in (root / "cache" / "programs").iterdir()}
+    assert {"encode", "ask_prefill", "generate"} <= kept, kept     # a second run loads them
 
     # Every response is what Answerer.ask gives to the same prompt and frames (so grouping by video and
     # encoding once changed nothing); the random model's words are no answer, so accuracy is not checked.

@@ -6,7 +6,7 @@ import contextlib
 import os
 import resource
 import sys
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 # The persistent compilation cache (see `resolve_compilation_cache`).
 COMPILATION_CACHE_ENV = "VXL_COMPILATION_CACHE"
@@ -62,12 +62,24 @@ CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
 def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
     """JAX's persistent compilation cache in `folder` (None: off) while the block runs; restored afterwards.
 
+    See `use_compilation_cache` for what is set. Yields the folder in use (None when off).
+    """
+    used, restore = use_compilation_cache(folder)
+    try:
+        yield used
+    finally:
+        restore()
+
+
+def use_compilation_cache(folder: Optional[str]) -> tuple[Optional[str], Callable[[], None]]:
+    """Turns JAX's persistent compilation cache on in `folder` (None: off); returns (folder in use, restore).
+
     The programs of `vxl_jax.program_cache` (serialized executables keyed before tracing, so that a warm process
     skips tracing and lowering too) are kept in its subfolder `programs`.
 
-    Also sets `$VXL_COMPILATION_CACHE` for the block, so child processes started by the command (`vxl demo`'s
-    training run) use the same folder. A folder that cannot be created turns the cache off, with a warning.
-    Yields the folder in use (None when off).
+    Also sets `$VXL_COMPILATION_CACHE`, so child processes (`vxl demo`'s training run) use the same folder. A
+    folder that cannot be created turns the cache off, with a warning. `restore()` puts back the settings from
+    before (the CLI restores them when a command ends; the lmms-eval plug-in keeps them for the process).
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -91,9 +103,8 @@ def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
     # Beside it, our whole-program cache (no tracing either) in a subfolder, so that one folder holds both.
     saved_programs = program_cache.set_folder(None if folder is None else os.path.join(folder, PROGRAMS))
     os.environ[COMPILATION_CACHE_ENV] = folder if folder is not None else OFF[0]
-    try:
-        yield folder
-    finally:
+
+    def restore() -> None:
         for name, value in saved.items():
             jax.config.update(name, value)
         jax_cache.reset_cache()
@@ -102,3 +113,5 @@ def compilation_cache(folder: Optional[str]) -> Iterator[Optional[str]]:
             os.environ.pop(COMPILATION_CACHE_ENV, None)
         else:
             os.environ[COMPILATION_CACHE_ENV] = saved_env
+
+    return folder, restore

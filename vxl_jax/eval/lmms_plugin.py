@@ -27,6 +27,9 @@ Model args (`--model_args k=v,...`):
     seed             PRNG seed of sampling and random schedules (default 0)
     strict           `true`: a video that cannot be read stops the run; by default it is logged and that
                      request answers "" (scored wrong), so one broken file does not end a long benchmark
+    compilation_cache  folder of the compilation caches, or `off`; by default the one `vxl` uses
+                     ($VXL_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, else
+                     ~/.cache/vxl_jax/jax_cache), so a second run neither traces nor compiles the model again
 
 Requests (`generate_until`): each request's visual (a video path, an image path, a PIL image, or a list of
 images / frame paths / a folder of frames, which become the frames of one clip) is encoded once, and every
@@ -163,14 +166,14 @@ class VXLJax(lmms):
 
     def __init__(self, pretrained: Optional[str] = None, max_frames_num: int = 32, fps: Optional[float] = None,
                  ratio: Any = 8, schedule: Optional[str] = None, x2l: Any = None, dtype: str = "float32",
-                 max_new_tokens: int = 64, seed: int = 0, strict: bool = False, batch_size: Any = 1,
-                 max_batch_size: Any = None, device: Optional[str] = None, **kwargs) -> None:
+                 max_new_tokens: int = 64, seed: int = 0, strict: bool = False, compilation_cache: Any = None,
+                 batch_size: Any = 1, max_batch_size: Any = None, device: Optional[str] = None, **kwargs) -> None:
         super().__init__()
         x2l_options = {k[4:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("x2l_") and k[4:] in X2L_FIELDS}
         if kwargs:
             raise ValueError(f"vxl_jax: unknown model args {sorted(kwargs)}; it takes pretrained, max_frames_num, "
                              f"fps, ratio, schedule, x2l, {', '.join('x2l_' + f for f in X2L_FIELDS)}, dtype, "
-                             "max_new_tokens, seed, strict")
+                             "max_new_tokens, seed, strict, compilation_cache")
         if not pretrained:
             raise ValueError("vxl_jax needs pretrained=<checkpoint folder> in --model_args")
         if dtype not in ("float32", "bfloat16"):
@@ -187,6 +190,7 @@ class VXLJax(lmms):
         import argparse
 
         from vxl_jax.cli.infer import _ratio, answer_options
+        from vxl_jax.cli.util import resolve_compilation_cache, use_compilation_cache
         from vxl_jax.data import video
 
         if int(max_frames_num) < 1:
@@ -206,6 +210,9 @@ class VXLJax(lmms):
         self.model_args = dict(pretrained=pretrained, max_frames_num=self.max_frames_num, fps=fps, ratio=ratio,
                                schedule=_text_arg(schedule), x2l=_x2l_text(x2l, x2l_options), dtype=dtype)
 
+        # As the CLI does, for as long as the process runs (`restore_compilation_cache()` puts the settings back).
+        self.compilation_cache, self.restore_compilation_cache = use_compilation_cache(
+            resolve_compilation_cache("off" if compilation_cache is False else _text_arg(compilation_cache)))
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.answerer = _load_answerer(pretrained, dtype, self._progress)
