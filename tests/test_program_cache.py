@@ -89,6 +89,28 @@ def test_off_unhashable_statics_and_object_addresses_fall_back_to_jit(tmp_path):
         program_cache.set_folder(old)
 
 
+def test_by_default_it_follows_jax_persistent_cache(tmp_path):
+    """On exactly when JAX's persistent cache is (JAX_COMPILATION_CACHE_DIR etc.), in its programs/ subfolder."""
+    old = program_cache.set_folder(program_cache.FOLLOW_JAX)
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert program_cache.folder() is None
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+        assert program_cache.folder() == str(tmp_path / "jax" / "programs")
+        program_cache.jit(_fn, static_argnames=("power", "scale"))(jnp.ones(2), 2, jnp.ones(2), scale=1.0)
+        assert len(_entries(tmp_path / "jax" / "programs")) == 1
+        jax.config.update("jax_enable_compilation_cache", False)
+        assert program_cache.folder() is None
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")     # not a local folder: off
+        assert program_cache.folder() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_enable_compilation_cache", saved[1])
+        program_cache.set_folder(old)
+
+
 def test_a_bad_entry_is_compiled_again_and_replaced(folder):
     x = jnp.arange(3.0)
     program_cache.jit(_fn, static_argnames=("power", "scale"))(x, 2, x, scale=1.0)

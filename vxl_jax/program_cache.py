@@ -13,10 +13,12 @@ It stores the serialized executable under that key. A process that finds the ent
 directly.
 
     fn = program_cache.jit(f, static_argnames=("cfg",))    # a drop-in for jax.jit(f, ...)
-    program_cache.set_folder("~/.cache/vxl_jax/jax_cache/programs")   # None (the default): plain jax.jit
+    program_cache.set_folder("~/.cache/my_programs")        # None: off (plain jax.jit)
 
-The CLI turns the cache on beside JAX's persistent cache (`vxl --compilation-cache`). Calls fall back to plain
-`jax.jit` in these cases:
+By default (`FOLLOW_JAX`) the cache is on exactly when JAX's persistent compilation cache is: in the
+subfolder `programs` of its folder (`JAX_COMPILATION_CACHE_DIR`, `jax.config.update(
+"jax_compilation_cache_dir", ...)`, or `vxl --compilation-cache`), if that is a local folder. Calls fall
+back to plain `jax.jit` in these cases:
 - the cache is off;
 - a static argument's repr names an object address (it would never match again) or is summarised (`...`);
 - an argument lives on more than one device;
@@ -51,21 +53,35 @@ _CONFIG_IGNORED = ("jax_compilation_cache", "jax_enable_compilation_cache", "jax
                    "jax_raise_persistent_cache_errors", "jax_log", "jax_explain_cache", "jax_debug_log_modules")
 
 _lock = threading.Lock()
-_folder: Optional[pathlib.Path] = None
+FOLLOW_JAX = "follow-jax"      # set_folder(FOLLOW_JAX): <JAX's persistent cache folder>/programs while that is on
+PROGRAMS = "programs"
+_folder: Any = FOLLOW_JAX
 _fingerprint: Optional[bytes] = None
 _warned: set = set()
 
 
 def set_folder(folder: Optional[str]) -> Optional[str]:
-    """Keeps compiled programs in `folder` (created when needed); None turns the cache off. Returns the old one."""
+    """Keeps compiled programs in `folder` (created when needed); None turns the cache off; FOLLOW_JAX (the
+    default) follows JAX's persistent cache. Returns the previous setting (to pass back to `set_folder`)."""
     global _folder
-    old = None if _folder is None else str(_folder)
-    _folder = None if folder is None else pathlib.Path(os.path.expanduser(folder))
+    old = _folder if _folder in (None, FOLLOW_JAX) else str(_folder)
+    _folder = folder if folder in (None, FOLLOW_JAX) else pathlib.Path(os.path.expanduser(folder))
     return old
 
 
 def folder() -> Optional[str]:
-    return None if _folder is None else str(_folder)
+    """The folder programs are kept in now (None: off)."""
+    path = _current_folder()
+    return None if path is None else str(path)
+
+
+def _current_folder() -> Optional[pathlib.Path]:
+    if _folder != FOLLOW_JAX:
+        return _folder
+    jax_folder = jax.config.jax_compilation_cache_dir
+    if not jax.config.jax_enable_compilation_cache or not jax_folder or "://" in jax_folder:
+        return None
+    return pathlib.Path(os.path.expanduser(jax_folder)) / PROGRAMS
 
 
 def _source_digest() -> bytes:
@@ -147,7 +163,8 @@ class CachedJit:
         return getattr(self._jitted, name)
 
     def __call__(self, *args, **kwargs):
-        if _folder is None or jax.device_count() != 1:
+        where = _current_folder()
+        if where is None or jax.device_count() != 1:
             return self._jitted(*args, **kwargs)
         statics = {k: v for k, v in kwargs.items() if k in self._static}
         statics.update((self._static_positions[i], a) for i, a in enumerate(args) if i in self._static_positions)
@@ -158,10 +175,10 @@ class CachedJit:
             return self._jitted(*args, **kwargs)
         compiled = self._programs.get(key)
         if compiled is None:
-            compiled = self._load(key)
+            compiled = self._load(where, key)
             if compiled is None:
                 compiled = _compile_uncached(self._jitted.lower(*args, **kwargs))
-                self._store(key, compiled)
+                self._store(where, key, compiled)
             self._programs[key] = compiled
         return compiled(*dynamic_args, **dynamic)
 
@@ -179,13 +196,13 @@ class CachedJit:
             digest.update(b"\0")
         return digest.hexdigest()
 
-    def _path(self, key: str) -> pathlib.Path:
-        return _folder / f"{self._name.rsplit('.', 1)[-1].lstrip('_')}-{key[:40]}.pkl"
+    def _path(self, where: pathlib.Path, key: str) -> pathlib.Path:
+        return where / f"{self._name.rsplit('.', 1)[-1].lstrip('_')}-{key[:40]}.pkl"
 
-    def _load(self, key: str):
+    def _load(self, where: pathlib.Path, key: str):
         from jax.experimental import serialize_executable
 
-        path = self._path(key)
+        path = self._path(where, key)
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f)
@@ -199,7 +216,7 @@ class CachedJit:
             self._warn(f"could not load {path} ({type(err).__name__}: {err}); compiling it again")
             return None
 
-    def _store(self, key: str, compiled) -> None:
+    def _store(self, where: pathlib.Path, key: str, compiled) -> None:
         from jax.experimental import serialize_executable
 
         try:
@@ -209,7 +226,7 @@ class CachedJit:
         except Exception as err:  # noqa: BLE001 - not every program serializes; it still runs
             self._warn(f"{self._name} is not kept on disk ({type(err).__name__}: {err})")
             return
-        path, tmp = self._path(key), None
+        path, tmp = self._path(where, key), None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)

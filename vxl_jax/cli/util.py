@@ -11,7 +11,6 @@ from typing import Callable, Iterator, Mapping, Optional
 # The persistent compilation cache (see `resolve_compilation_cache`).
 COMPILATION_CACHE_ENV = "VXL_COMPILATION_CACHE"
 OFF = ("off", "0")
-PROGRAMS = "programs"   # the subfolder of `vxl_jax.program_cache`'s entries
 
 
 def peak_rss_mib() -> float:
@@ -101,7 +100,7 @@ def use_compilation_cache(folder: Optional[str]) -> tuple[Optional[str], Callabl
         jax.config.update(name, value)
     jax_cache.reset_cache()   # jax opens its cache once per process, at the first compilation: reopen it here
     # Beside it, our whole-program cache (no tracing either) in a subfolder, so that one folder holds both.
-    saved_programs = program_cache.set_folder(None if folder is None else os.path.join(folder, PROGRAMS))
+    saved_programs = program_cache.set_folder(None if folder is None else os.path.join(folder, program_cache.PROGRAMS))
     os.environ[COMPILATION_CACHE_ENV] = folder if folder is not None else OFF[0]
 
     def restore() -> None:
