@@ -9,6 +9,8 @@ import tempfile
 import jax
 import pytest
 
+from vxl_jax import program_cache
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # `vxl` commands run by the tests (in process and in subprocesses) share one persistent compilation cache that
@@ -18,6 +20,10 @@ if "VXL_COMPILATION_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="vxl_test_jax_cache_")
     os.environ["VXL_COMPILATION_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+# Outside `vxl` commands (which set it themselves) the program cache is off, even where the environment sets
+# JAX_COMPILATION_CACHE_DIR (which it follows by default): tests that count traces stay exact.
+program_cache.set_folder(None)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
