@@ -6,7 +6,7 @@ program to compute that cache's key (the lowered module's hash). On a warm `vxl 
 - the function's name;
 - the source of the whole package (any edit gives new keys);
 - the versions of jax and jaxlib, jax's configuration, `XLA_FLAGS` and the `VXL_*` environment;
-- the devices, and whether the CPU attention kernel is available;
+- the devices, the CPU model and features, and whether the CPU attention kernel is available;
 - the static arguments' `repr`, and the tree, shapes, dtypes, weak types and shardings of the others.
 
 It stores the serialized executable under that key. A process that finds the entry loads it and calls it
@@ -52,9 +52,10 @@ _PACKAGE = pathlib.Path(__file__).resolve().parent
 _CONFIG_IGNORED = ("jax_compilation_cache", "jax_enable_compilation_cache", "jax_persistent_cache",
                    "jax_raise_persistent_cache_errors", "jax_log", "jax_explain_cache", "jax_debug_log_modules")
 
-_lock = threading.Lock()
 FOLLOW_JAX = "follow-jax"      # set_folder(FOLLOW_JAX): <JAX's persistent cache folder>/programs while that is on
 PROGRAMS = "programs"
+
+_lock = threading.Lock()
 _folder: Any = FOLLOW_JAX
 _fingerprint: Optional[bytes] = None
 _warned: set = set()
@@ -99,21 +100,24 @@ def _config_items() -> list[tuple[str, str]]:
                   if not name.startswith(_CONFIG_IGNORED))
 
 
-def _kernel_state() -> str:
+def _host_state() -> str:
+    """On CPU: the processor (XLA compiles for the host's features; a shared home folder may see several kinds)
+    and whether our attention kernel is available (this also registers it before any program is loaded)."""
     if jax.default_backend() != "cpu":
-        return "no cpu"
-    from vxl_jax.kernels import cpu_attention   # registers the kernel's targets before any program is loaded
-    return f"cpu kernel {cpu_attention.available()}"
+        return "not cpu"
+    from vxl_jax.kernels import cpu_attention
+
+    return f"{cpu_attention.cpu_signature()}\ncpu kernel {cpu_attention.available()}"
 
 
 def _process_fingerprint() -> bytes:
-    """What cannot change while the process runs: versions, our source, devices, the kernel (computed once)."""
+    """What cannot change while the process runs: versions, our source, devices, the host (computed once)."""
     global _fingerprint
     if _fingerprint is None:
         import jaxlib
 
         parts = [str(_FORMAT), jax.__version__, jaxlib.__version__, sys.version, _source_digest().hex(),
-                 repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), _kernel_state()]
+                 repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), _host_state()]
         _fingerprint = hashlib.sha256("\0".join(parts).encode()).digest()
     return _fingerprint
 

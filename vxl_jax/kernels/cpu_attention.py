@@ -51,7 +51,7 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """The CPU's model and feature flags (what -march=native compiles for)."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
@@ -83,7 +83,7 @@ def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> pathlib.Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(_FLAGS + tuple(extra_flags)).encode(), version.encode(),
-                 _cpu_signature().encode(),
+                 cpu_signature().encode(),
                  jax.__version__.encode(), include.encode()):
         key.update(part)
         key.update(b"\0")
