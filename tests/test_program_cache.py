@@ -112,6 +112,15 @@ def test_by_default_it_follows_jax_persistent_cache(tmp_path):
         program_cache.set_folder(old)
 
 
+def test_without_source_to_hash_it_stays_off(folder, monkeypatch):
+    monkeypatch.setattr(program_cache, "_fingerprint", None)
+    monkeypatch.setattr(program_cache, "_source_digest", lambda: None)
+    fn = program_cache.jit(_fn, static_argnames=("power", "scale"))
+    np.testing.assert_allclose(fn(jnp.ones(2), 2, jnp.ones(2), scale=1.0), _expected(np.ones(2), 2, np.ones(2), 1.0),
+                               rtol=1e-6)
+    assert _entries(folder) == [] and fn._programs == {}
+
+
 def test_a_bad_entry_is_compiled_again_and_replaced(folder):
     x = jnp.arange(3.0)
     program_cache.jit(_fn, static_argnames=("power", "scale"))(x, 2, x, scale=1.0)

@@ -22,7 +22,8 @@ back to plain `jax.jit` in these cases:
 - the cache is off;
 - a static argument's repr names an object address (it would never match again) or is summarised (`...`);
 - an argument lives on more than one device;
-- the process sees more than one device.
+- the process sees more than one device;
+- the package has no source files to hash (a bytecode-only install).
 
 An entry that cannot be read is compiled again and rewritten. Entries are never evicted: delete the folder to
 empty it. Entries are pickles of executables, as in JAX's own cache: keep the folder where only you can write.
@@ -85,13 +86,16 @@ def _current_folder() -> Optional[pathlib.Path]:
     return pathlib.Path(os.path.expanduser(jax_folder)) / PROGRAMS
 
 
-def _source_digest() -> bytes:
-    digest = hashlib.sha256()
+def _source_digest() -> Optional[bytes]:
+    """A hash of the package's source files; None where there are none to read (an install of bytecode only:
+    then nothing would tell one version's programs from another's, and the cache stays off)."""
+    digest, found = hashlib.sha256(), False
     for path in sorted(_PACKAGE.rglob("*")):
         if path.suffix in (".py", ".cc", ".h") and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(_PACKAGE)).encode())
             digest.update(path.read_bytes())
-    return digest.digest()
+            found = True
+    return digest.digest() if found else None
 
 
 def _config_items() -> list[tuple[str, str]]:
@@ -110,22 +114,31 @@ def _host_state() -> str:
     return f"{cpu_attention.cpu_signature()}\ncpu kernel {cpu_attention.available()}"
 
 
-def _process_fingerprint() -> bytes:
-    """What cannot change while the process runs: versions, our source, devices, the host (computed once)."""
+def _process_fingerprint() -> Optional[bytes]:
+    """What cannot change while the process runs: versions, our source, devices, the host (computed once).
+    None: no source to hash (the cache stays off)."""
     global _fingerprint
     if _fingerprint is None:
         import jaxlib
 
-        parts = [str(_FORMAT), jax.__version__, jaxlib.__version__, sys.version, _source_digest().hex(),
-                 repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), _host_state()]
-        _fingerprint = hashlib.sha256("\0".join(parts).encode()).digest()
-    return _fingerprint
+        source = _source_digest()
+        if source is None:
+            _fingerprint = b""
+        else:
+            parts = [str(_FORMAT), jax.__version__, jaxlib.__version__, sys.version, source.hex(),
+                     repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]), _host_state()]
+            _fingerprint = hashlib.sha256("\0".join(parts).encode()).digest()
+    return _fingerprint or None
 
 
-def fingerprint() -> bytes:
-    """What every key shares: the process's fingerprint, jax's configuration and the environment, as they are now."""
+def fingerprint() -> Optional[bytes]:
+    """What every key shares: the process's fingerprint, jax's configuration and the environment, as they are now.
+    None: the cache cannot tell versions apart here (see `_source_digest`)."""
+    process = _process_fingerprint()
+    if process is None:
+        return None
     environment = sorted((k, v) for k, v in os.environ.items() if k.startswith("VXL_") and k != "VXL_COMPILATION_CACHE")
-    parts = [_process_fingerprint().hex(), repr(_config_items()), os.environ.get("XLA_FLAGS", ""), repr(environment)]
+    parts = [process.hex(), repr(_config_items()), os.environ.get("XLA_FLAGS", ""), repr(environment)]
     return hashlib.sha256("\0".join(parts).encode()).digest()
 
 
@@ -194,7 +207,10 @@ class CachedJit:
         signatures = [_leaf_signature(x) for x in leaves]
         if any(s is None for s in signatures):
             return None
-        digest = hashlib.sha256(fingerprint())
+        shared = fingerprint()
+        if shared is None:
+            return None
+        digest = hashlib.sha256(shared)
         for part in (self._name, static_text, str(tree), *signatures):
             digest.update(part.encode())
             digest.update(b"\0")
