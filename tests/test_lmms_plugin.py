@@ -48,10 +48,14 @@ class FakeAnswerer:
         return [types.SimpleNamespace(text=f"{q}|{max_new_tokens}|{decoding.temperature}\n\ntail") for _, q in pairs]
 
 
-def _model(monkeypatch, answerer=None, **args):
+def _model(monkeypatch, answerer=None, keep_cache=False, **args):
+    """The plug-in over a fake answerer; its compilation-cache settings are put back unless keep_cache."""
     answerer = answerer or FakeAnswerer()
     monkeypatch.setattr(lmms_plugin, "_load_answerer", lambda pretrained, dtype, progress: answerer)
-    return VXLJax(pretrained="ckpt", **args), answerer
+    model = VXLJax(pretrained="ckpt", **args)
+    if not keep_cache:
+        model.restore_compilation_cache()
+    return model, answerer
 
 
 def _requests(model, docs, gen_kwargs=None, task="t"):
@@ -106,8 +110,9 @@ def test_the_compilation_caches_are_on_as_in_the_cli_unless_off(monkeypatch, tmp
     from vxl_jax import program_cache
 
     monkeypatch.setenv("VXL_COMPILATION_CACHE", str(tmp_path / "from_env"))
+    before = (jax.config.jax_compilation_cache_dir, program_cache.folder())
     for arg, folder in [(None, tmp_path / "from_env"), (str(tmp_path / "given"), tmp_path / "given")]:
-        model, _ = _model(monkeypatch, **({} if arg is None else {"compilation_cache": arg}))
+        model, _ = _model(monkeypatch, keep_cache=True, **({} if arg is None else {"compilation_cache": arg}))
         try:
             assert model.compilation_cache == str(folder) == jax.config.jax_compilation_cache_dir
             assert jax.config.jax_enable_compilation_cache and folder.is_dir()
@@ -115,12 +120,13 @@ def test_the_compilation_caches_are_on_as_in_the_cli_unless_off(monkeypatch, tmp
         finally:
             model.restore_compilation_cache()
     for off in ("off", False, 0):
-        model, _ = _model(monkeypatch, compilation_cache=off)
+        model, _ = _model(monkeypatch, keep_cache=True, compilation_cache=off)
         try:
             assert model.compilation_cache is None and program_cache.folder() is None
             assert not jax.config.jax_enable_compilation_cache
         finally:
             model.restore_compilation_cache()
+    assert (jax.config.jax_compilation_cache_dir, program_cache.folder()) == before     # put back
 
 
 def test_each_video_is_encoded_once_and_questions_are_batched(monkeypatch, tmp_path):
@@ -253,6 +259,7 @@ def test_x2l_and_a_schedule_through_the_plugin(task):
         ({"schedule": "per-window:ratios=2"}, {"schedule": schedules.parse("per-window:ratios=2")}),
     ]:
         model = VXLJax(pretrained=str(root / "ckpt"), max_frames_num=4, strict=True, batch_size=2, **args)
+        model.restore_compilation_cache()
         visual = [{"visual": [os.path.join(task_dir, d["visual"])], "q": d["question"]} for d in docs]
         got = model.generate_until(_requests(model, visual, {"max_new_tokens": 6, "until": ["\n\n"]}))
         for d, text in zip(docs, got):
