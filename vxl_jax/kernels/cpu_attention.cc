@@ -38,6 +38,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -362,6 +363,29 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// The keys a strip of (b, kh) sees, in chunks of up to kTile: the memory entries [0, mem_len) unmasked, then
+// the own keys [0, hi), masked in the chunks that reach past lo (the strip's smallest visible limit).
+// fn(k, v, nk, masked, j_base, key): k/v the chunk's first key row, j_base its own-key index, key its index
+// in [memory | own keys] order.
+template <typename Fn>
+static void for_each_chunk(const Problem& pr, int64_t b, int64_t kh, int32_t lo, int32_t hi, Fn fn) {
+  const int64_t H = pr.h, kstride = pr.kv * H, ml = memory_length(pr, b);
+  if (ml > 0) {
+    const float* kb = pr.mk + (b * pr.s * pr.kv + kh) * H;
+    const float* vb = pr.mv + (b * pr.s * pr.kv + kh) * H;
+    for (int64_t c = 0; c < ml; c += kTile)
+      fn(kb + c * kstride, vb + c * kstride, static_cast<int>(std::min<int64_t>(kTile, ml - c)), false, 0, c);
+  }
+  if (hi > 0) {
+    const float* kb = pr.k + (b * pr.u * pr.kv + kh) * H;
+    const float* vb = pr.v + (b * pr.u * pr.kv + kh) * H;
+    for (int64_t c = 0; c < hi; c += kTile) {
+      int nk = static_cast<int>(std::min<int64_t>(kTile, hi - c));
+      fn(kb + c * kstride, vb + c * kstride, nk, c + nk > lo, static_cast<int>(c), ml + c);
+    }
+  }
+}
+
 template <int RV>
 static void run_strip(const Problem& pr, const Item& it, Scratch& sc) {
   constexpr int RS = RV * kLanes;
@@ -385,29 +409,11 @@ static void run_strip(const Problem& pr, const Item& it, Scratch& sc) {
   std::fill(sc.m, sc.m + RS, kNeg);
   std::fill(sc.l, sc.l + RS, 0.0f);
 
-  auto chunk = [&](const float* kp, const float* vp, int nk, bool masked, int j_base) {
+  for_each_chunk(pr, b, kh, lo, hi, [&](const float* kp, const float* vp, int nk, bool masked, int j_base, int64_t) {
     scores<RV>(sc.qt, kp, kstride, static_cast<int>(H), nk, sc.s);
     softmax_chunk<RV>(sc.s, nk, masked, j_base, sc.lim, sc.m, sc.l, sc.alpha);
     pv<RV>(sc.ot, sc.alpha, sc.s, nk, vp, kstride, static_cast<int>(H));
-  };
-
-  const int64_t ml = memory_length(pr, b);
-  if (ml > 0) {
-    const float* kb = pr.mk + (b * pr.s * pr.kv + kh) * H;
-    const float* vb = pr.mv + (b * pr.s * pr.kv + kh) * H;
-    for (int64_t c = 0; c < ml; c += kTile) {
-      int nk = static_cast<int>(std::min<int64_t>(kTile, ml - c));
-      chunk(kb + c * kstride, vb + c * kstride, nk, false, 0);
-    }
-  }
-  if (hi > 0) {
-    const float* kb = pr.k + (b * pr.u * pr.kv + kh) * H;
-    const float* vb = pr.v + (b * pr.u * pr.kv + kh) * H;
-    for (int64_t c = 0; c < hi; c += kTile) {
-      int nk = static_cast<int>(std::min<int64_t>(kTile, hi - c));
-      chunk(kb + c * kstride, vb + c * kstride, nk, c + nk > lo, static_cast<int>(c));
-    }
-  }
+  });
 
   // out = O / l, lse = (m + log2 l) ln 2; rows that saw nothing: 0 and kNeg.
   const int64_t end = std::min<int64_t>(RS, pr.rows - it.row0);
@@ -419,6 +425,44 @@ static void run_strip(const Problem& pr, const Item& it, Scratch& sc) {
     for (int64_t h = 0; h < H; ++h) o[h] = sc.ot[h * RS + r] * inv;
     pr.lse[((b * pr.kv + kh) * G + g) * pr.t + t] = l > 0.0f ? (sc.m[r] + std::log2(l)) * kLn2 : kNeg;
   }
+}
+
+static int64_t kernel_threads() {
+  int64_t threads = static_cast<int64_t>(std::thread::hardware_concurrency());
+  if (const char* env = std::getenv("VXL_KERNEL_THREADS")) {
+    int64_t n = std::atoll(env);
+    if (n > 0) threads = n;
+  }
+  return std::max<int64_t>(threads, 1);
+}
+
+// Runs fn(i) for i in [0, count) on up to `threads` threads (the calling one included), each with its own
+// state made by make(); rethrows a failure as bad_alloc.
+template <typename Make, typename Fn>
+static void parallel_for(int64_t threads, size_t count, Make make, Fn fn) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  auto worker = [&]() {
+    try {
+      auto state = make();
+      for (size_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, *state);
+    } catch (...) {
+      failed = true;
+    }
+  };
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(count)));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads - 1));
+  for (int64_t i = 1; i < threads; ++i) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  worker();
+  for (auto& th : pool) th.join();
+  if (failed) throw std::bad_alloc();
 }
 
 // Rows of one (batch, kv head) in strips of 16*max_rv rows, the remainder in the narrowest strip that
@@ -441,53 +485,21 @@ static void run_all(const Problem& pr, int max_rv) {
     }
   }
 
-  int64_t threads = static_cast<int64_t>(std::thread::hardware_concurrency());
-  if (const char* env = std::getenv("VXL_KERNEL_THREADS")) {
-    int64_t n = std::atoll(env);
-    if (n > 0) threads = n;
-  }
   // A thread pays off above a few hundred microseconds of work (cost ~ multiply-adds / 2).
-  threads = std::max<int64_t>(1, std::min<int64_t>({threads, static_cast<int64_t>(items.size()),
-                                                    static_cast<int64_t>(total / 2.0e6) + 1}));
+  const int64_t threads = std::min<int64_t>(kernel_threads(), static_cast<int64_t>(total / 2.0e6) + 1);
   if (threads > 1)
     std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  auto worker = [&]() {
-    try {
-      Scratch sc(pr.h, static_cast<int>(full));
-      for (size_t i = next.fetch_add(1); i < items.size(); i = next.fetch_add(1)) {
-        const Item& it = items[i];
-        if (it.rv == 1) {
-          run_strip<1>(pr, it, sc);
-        } else if (it.rv == 2) {
-          run_strip<2>(pr, it, sc);
-        } else {
-          run_strip<3>(pr, it, sc);
-        }
-      }
-    } catch (...) {
-      failed = true;
-    }
-  };
-  if (threads == 1) {
-    worker();
-    if (failed) throw std::bad_alloc();
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back(worker);
-    } catch (const std::system_error&) {
-      break;                                   // fewer threads: the others take the work
-    }
-  }
-  worker();
-  for (auto& th : pool) th.join();
-  if (failed) throw std::bad_alloc();
+  parallel_for(threads, items.size(), [&]() { return std::make_unique<Scratch>(pr.h, static_cast<int>(full)); },
+               [&](size_t i, Scratch& sc) {
+                 const Item& it = items[i];
+                 if (it.rv == 1) {
+                   run_strip<1>(pr, it, sc);
+                 } else if (it.rv == 2) {
+                   run_strip<2>(pr, it, sc);
+                 } else {
+                   run_strip<3>(pr, it, sc);
+                 }
+               });
 }
 
 // Reads and checks the shapes shared by both handlers into pr (and the input pointers); who names the call.
@@ -775,33 +787,15 @@ static void run_strip_bwd(const BwdProblem& bp, int64_t b, int64_t kh, int64_t r
   }
   std::fill(sc.dqt, sc.dqt + H * RS, 0.0f);
 
-  auto chunk = [&](const float* kp, const float* vp, int nk, bool masked, int j_base, float* ak, float* av) {
+  for_each_chunk(pr, b, kh, lo, hi, [&](const float* kp, const float* vp, int nk, bool masked, int j_base,
+                                        int64_t key) {
     scores<RV>(sc.qt, kp, kstride, static_cast<int>(H), nk, sc.s);
     scores<RV>(sc.dot, vp, kstride, static_cast<int>(H), nk, sc.dp);
     probs_chunk<RV>(sc.s, sc.dp, nk, masked, j_base, sc.lse2, sc.delta, sc.lim);
     pv<RV>(sc.dqt, nullptr, sc.dp, nk, kp, kstride, static_cast<int>(H));   // dQ^T += K^T dS^T: pv's kernel, no rescale
-    outer<RV>(av, hp, sc.s, nk, sc.dor);
-    outer<RV>(ak, hp, sc.dp, nk, sc.qr);
-  };
-
-  const int64_t ml = memory_length(pr, b);
-  if (ml > 0) {
-    const float* kb = pr.mk + (b * pr.s * pr.kv + kh) * H;
-    const float* vb = pr.mv + (b * pr.s * pr.kv + kh) * H;
-    for (int64_t c = 0; c < ml; c += kTile) {
-      int nk = static_cast<int>(std::min<int64_t>(kTile, ml - c));
-      chunk(kb + c * kstride, vb + c * kstride, nk, false, 0, acc_k + c * hp, acc_v + c * hp);
-    }
-  }
-  if (hi > 0) {
-    const float* kb = pr.k + (b * pr.u * pr.kv + kh) * H;
-    const float* vb = pr.v + (b * pr.u * pr.kv + kh) * H;
-    for (int64_t c = 0; c < hi; c += kTile) {
-      int nk = static_cast<int>(std::min<int64_t>(kTile, hi - c));
-      chunk(kb + c * kstride, vb + c * kstride, nk, c + nk > lo, static_cast<int>(c), acc_k + (ml + c) * hp,
-            acc_v + (ml + c) * hp);
-    }
-  }
+    outer<RV>(acc_v + key * hp, hp, sc.s, nk, sc.dor);                       // dV += P^T dO
+    outer<RV>(acc_k + key * hp, hp, sc.dp, nk, sc.qr);                       // dK += dS^T Q
+  });
 
   for (int64_t r = 0; r < end; ++r) {
     int64_t row = row0 + r, t = row / G, g = row % G;
@@ -842,44 +836,6 @@ static void flush_pair(const BwdProblem& bp, int64_t b, int64_t kh, const float*
   }
   for (int64_t j = 0; j < pr.u; ++j)
     emit(ml + j, bp.dk + (b * pr.u + j) * kstride + kh * H, bp.dv + (b * pr.u + j) * kstride + kh * H);
-}
-
-static int64_t kernel_threads() {
-  int64_t threads = static_cast<int64_t>(std::thread::hardware_concurrency());
-  if (const char* env = std::getenv("VXL_KERNEL_THREADS")) {
-    int64_t n = std::atoll(env);
-    if (n > 0) threads = n;
-  }
-  return std::max<int64_t>(threads, 1);
-}
-
-// Runs fn(i) for i in [0, count) on up to `threads` threads (the calling one included), each with its own
-// state made by make(); rethrows a failure as bad_alloc.
-template <typename Make, typename Fn>
-static void parallel_for(int64_t threads, size_t count, Make make, Fn fn) {
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  auto worker = [&]() {
-    try {
-      auto state = make();
-      for (size_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, *state);
-    } catch (...) {
-      failed = true;
-    }
-  };
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(count)));
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int64_t i = 1; i < threads; ++i) {
-    try {
-      pool.emplace_back(worker);
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  worker();
-  for (auto& th : pool) th.join();
-  if (failed) throw std::bad_alloc();
 }
 
 static void run_all_bwd(const BwdProblem& bp, int max_rv) {
@@ -1054,27 +1010,26 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
 
 }  // namespace
 
+// The seven inputs both handlers take first, in read_problem's order.
+template <typename Binding>
+static auto bind_inputs(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // q
+      .template Arg<ffi::Buffer<ffi::F32>>()   // k
+      .template Arg<ffi::Buffer<ffi::F32>>()   // v
+      .template Arg<ffi::Buffer<ffi::F32>>()   // mem_k
+      .template Arg<ffi::Buffer<ffi::F32>>()   // mem_v
+      .template Arg<ffi::Buffer<ffi::S32>>()   // mem_len
+      .template Arg<ffi::Buffer<ffi::S32>>();  // q_pos
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VxlFlashAttentionForwardF32, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mem_k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mem_v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // mem_len
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos
+                              bind_inputs(ffi::Ffi::Bind())
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()); // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VxlFlashAttentionBackwardF32, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mem_k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // mem_v
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // mem_len
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos
+                              bind_inputs(ffi::Ffi::Bind())
                                   .Arg<ffi::Buffer<ffi::F32>>()   // out
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d_out
