@@ -95,6 +95,10 @@ class ConfigError(ValueError):
     """A config that cannot describe a Video-XL model."""
 
 
+# The attention backends (model/attention.py describes each); Qwen2Config.attention is one of them.
+ATTENTION_BACKENDS = ("auto", "xla", "cpu", "cudnn", "jax", "dense")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
     vocab_size: int
@@ -112,8 +116,8 @@ class Qwen2Config:
     attention: str = "auto"     # attention backend (model/attention.py); a runtime choice, not in config.json
 
     def __post_init__(self):
-        if self.attention not in ("auto", "xla", "cpu", "cudnn", "jax", "dense"):
-            raise ConfigError(f"attention must be one of auto, xla, cpu, cudnn, jax, dense; got {self.attention!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {self.attention!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:

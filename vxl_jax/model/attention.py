@@ -44,9 +44,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from vxl_jax.config import ATTENTION_BACKENDS as BACKENDS
 from vxl_jax.kernels import cpu_attention
 
-BACKENDS = ("auto", "xla", "cpu", "cudnn", "jax", "dense")
 BLOCK = 256            # queries per block, keys per tile (256 measured fastest on the CPU with diagonal-only masks)
 _NEG = -1e30           # finite "minus infinity": no inf - inf in the online softmax
 
