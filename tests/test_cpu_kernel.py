@@ -19,18 +19,24 @@ pytestmark = pytest.mark.skipif(not cpu_attention.available(),
 ATOL = 2e-5
 
 
+def _mask_and_keep(mem_len, q_pos, s: int, u: int):
+    """The equivalent mask [B, T, S + U] over [memory | own keys], and keep [B, S, 1, 1]: the memory entries
+    below mem_len (the references zero the scratch region: NaN there would poison the dense einsum)."""
+    b, t = q_pos.shape
+    mem_mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] < mem_len[:, None, None], (b, t, s))
+    own_mask = jnp.arange(u)[None, None, :] <= q_pos[:, :, None]
+    keep = (jnp.arange(s)[None, :] < mem_len[:, None])[..., None, None]
+    return jnp.concatenate([mem_mask, own_mask], axis=-1), keep
+
+
 @jax.jit
 def _reference(q, k, v, mem_k, mem_v, mem_len, q_pos):
     """(out, lse) by one dense softmax over the concatenated keys with the equivalent mask."""
     b, t, n, h = q.shape
-    s, u, kv_heads = mem_k.shape[1], k.shape[1], k.shape[2]
-    mem_mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] < mem_len[:, None, None], (b, t, s))
-    own_mask = jnp.arange(u)[None, None, :] <= q_pos[:, :, None]
-    mask = jnp.concatenate([mem_mask, own_mask], axis=-1)
-    keys, values = jnp.concatenate([mem_k, k], 1), jnp.concatenate([mem_v, v], 1)
-    # The reference must not see the scratch region either (NaN there would poison the dense einsum).
-    keep = jnp.concatenate([jnp.arange(s)[None, :] < mem_len[:, None], jnp.ones((b, u), bool)], 1)[..., None, None]
-    keys, values = jnp.where(keep, keys, 0.0), jnp.where(keep, values, 0.0)
+    kv_heads = k.shape[2]
+    mask, keep = _mask_and_keep(mem_len, q_pos, mem_k.shape[1], k.shape[1])
+    keys = jnp.concatenate([jnp.where(keep, mem_k, 0.0), k], 1)
+    values = jnp.concatenate([jnp.where(keep, mem_v, 0.0), v], 1)
     out = attention.dense_attention(q, keys, values, mask)
     qf = q.reshape(b, t, kv_heads, n // kv_heads, h)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qf, keys, precision="highest") * h ** -0.5
@@ -222,11 +228,7 @@ def test_lse_merges_like_the_backward_expects():
 def _reference_grads(q, k, v, mem_k, mem_v, mem_len, q_pos, d_out):
     """(dq, dk, dv, d_mem_k, d_mem_v) of sum(d_out * dense attention) with the equivalent mask; the scratch
     region of the memory (>= mem_len) is replaced by zeros first, so its gradient is 0."""
-    b, t = q.shape[:2]
-    s, u = mem_k.shape[1], k.shape[1]
-    keep = (jnp.arange(s)[None, :] < mem_len[:, None])[..., None, None]
-    mem_mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] < mem_len[:, None, None], (b, t, s))
-    mask = jnp.concatenate([mem_mask, jnp.arange(u)[None, None, :] <= q_pos[:, :, None]], axis=-1)
+    mask, keep = _mask_and_keep(mem_len, q_pos, mem_k.shape[1], k.shape[1])
 
     def loss(q, k, v, mem_k, mem_v):
         keys = jnp.concatenate([jnp.where(keep, mem_k, 0.0), k], 1)
