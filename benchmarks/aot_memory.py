@@ -15,7 +15,7 @@ loops included), the generated code and the donated bytes aliased with outputs.
   train     one optimizer step of `train.step.make_step` + `jit_step` (AdamW, all
             parameters trainable, as benchmarks/train_bench.py builds it): the state
             (float32 params + Adam moments) abstract, batch 1 from
-            `train_bench.make_batch` / `train.batch.prepare` (14-token prefix, 32-token
+            `aot.programs.synthetic_batch` / `train.batch.prepare` (14-token prefix, 32-token
             suffix; `--train-text-tokens N`: an N-token suffix, all but its first token
             labelled); one row per `--train-loss-chunk` (the cross entropy's vocabulary
             block, "none": full logits).
@@ -186,10 +186,10 @@ def execute(compiled, cfg, arrays, visual, norm, dtype, budget_s: float) -> dict
 
 
 def _text_batch(cfg, frames: int, ratio: int, text_tokens) -> dict:
-    """train_bench.make_batch's row, with an N-token suffix after the video when text_tokens is set."""
-    from train_bench import make_batch
+    """aot.programs.synthetic_batch's row, with an N-token suffix after the video when text_tokens is set."""
+    from vxl_jax.aot.programs import synthetic_batch
 
-    batch = make_batch(cfg, frames, 1, ratio)
+    batch = synthetic_batch(cfg, frames, 1, ratio)
     if text_tokens is None:
         return batch
     head = batch["input_ids"][:, :PREFIX + 1]                                   # the prefix and <image>

@@ -26,7 +26,10 @@
 #      memory analysis on the GPU), then runs the prefill; XLA allocates a program's buffers at
 #      launch, so a run still going after its execute budget fits. The first rung (10000 frames)
 #      gets a longer budget (FIT_FIRST_EXEC_S) so that its time is measured when the deadline allows.
-#   5. $OUT/summary.md: the tables of every JSON result above plus each step's status.
+#   5. $OUT/summary.md: the tables of every JSON result above plus each step's status, and the
+#      compile-only plan beside what was measured: `vxl aot --target $AOT_TARGET` (run first, on the
+#      CPU: no device used) for the 7B prefill at AOT_FRAMES, its per-device total against the
+#      measured peak and its estimated time (analytic FLOPs at 40% MFU) against the measured one.
 #
 # Environment (defaults):
 #   OUT=./gpu_results  PEAK_TFLOPS=989 (H100/H200 SXM, bf16 dense)  SUITE_SECONDS=480  MIN_STEP_S=45
@@ -37,9 +40,11 @@
 #   FIT_FRAMES="10000 20000 30000 40000 60000 80000 120000"  FIT_FIRST_EXEC_S=150  FIT_EXEC_S=15
 #   FIT_COMPILE_S=100 (expected start + init + compile of one rung, to size its execute budget)
 #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX's default 0.75 would report OOM for videos that fit)
+#   AOT_TARGET=h100 (h200 on an H200)  AOT_FRAMES="2048 10000"  AOT_CAP_S=240
 #
-# Outputs under $OUT (relative to the repository root; its prefill/, train/ and fit/ folders are
-# emptied first): nvidia-smi.txt, jax_device.txt, steps.tsv, prefill/<F>/{log.txt,videoxl_7b_bfloat16.{json,md,png}},
+# Outputs under $OUT (relative to the repository root; its aot/, prefill/, train/ and fit/ folders are
+# emptied first): nvidia-smi.txt, jax_device.txt, steps.tsv, aot/{log.txt,prefill.json},
+# prefill/<F>/{log.txt,videoxl_7b_bfloat16.{json,md,png}},
 # train/{log.txt,train.json}, fit/<F>/{log.txt,aot_memory.{json,md}}, fit/ladder.txt, summary.md.
 
 set -u -o pipefail
@@ -63,12 +68,15 @@ FIT_FRAMES=${FIT_FRAMES:-"10000 20000 30000 40000 60000 80000 120000"}
 FIT_FIRST_EXEC_S=${FIT_FIRST_EXEC_S:-150}
 FIT_EXEC_S=${FIT_EXEC_S:-15}
 FIT_COMPILE_S=${FIT_COMPILE_S:-100}
+AOT_TARGET=${AOT_TARGET:-h100}
+AOT_FRAMES=${AOT_FRAMES:-"2048 10000"}
+AOT_CAP_S=${AOT_CAP_S:-240}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 KILL_GRACE_S=10     # timeout -k: SIGKILL this long after SIGTERM
 SUMMARY_KEEP_S=15   # kept at the end for the summary
 
 mkdir -p "$OUT"
-rm -rf "$OUT/prefill" "$OUT/train" "$OUT/fit"     # this suite's own folders: no stale result in the summary
+rm -rf "$OUT/aot" "$OUT/prefill" "$OUT/train" "$OUT/fit"     # this suite's own folders: no stale result in the summary
 STEPS="$OUT/steps.tsv"
 printf 'step\tstatus\texit\tseconds\ttimeout_s\n' > "$STEPS"
 START=$SECONDS
@@ -124,6 +132,13 @@ if ! timeout 120 "$PYTHON" -c 'import jax, sys; d = jax.devices()[0]; print("jax
     say "JAX sees no GPU (see $OUT/jax_device.txt); stopping"
     exit 1
 fi
+
+# ---------------------------------------------------------------- 1b. the compile-only plan (CPU, no device)
+# shellcheck disable=SC2086  # AOT_FRAMES is a word list
+mkdir -p "$OUT/aot"
+run_step aot "$(step_budget "$AOT_CAP_S" $(( TRAIN_KEEP_S + 120 )))" "$OUT/aot/log.txt" \
+    "$PYTHON" -m vxl_jax.cli.main aot --target "$AOT_TARGET" --job prefill --config videoxl_7b --ratio 16 \
+    --frames $AOT_FRAMES --json "$OUT/aot/prefill.json" > /dev/null
 
 # ---------------------------------------------------------------- 2. prefill, 7B shape
 for F in $PREFILL_FRAMES; do
@@ -259,6 +274,33 @@ if fit:
 else:
     md.append("no results (see steps and fit/*/log.txt)")
 md += ["", "```", read(os.path.join(out, "fit", "ladder.txt")).strip(), "```", ""]
+
+# The compile-only plan (vxl aot, compiled on the CPU for the target) against what this GPU measured: memory
+# against the streamed run's peak (fit) or prefill_bench's, time against the streamed run's or prefill_bench's
+# features + prefill.
+plan = json.loads(read(os.path.join(out, "aot", "prefill.json"), "[]"))
+md += ["## The compile-only plan against the measurement (vxl aot, videoxl_7b prefill, ratio 16)", ""]
+if plan:
+    by_fit = {r["frames"]: r.get("execute", {}) for r in fit}
+    by_bench = {r["frames"]: r for r in rows}
+    md += ["| frames | target | plan total GiB | measured peak GiB | peak / plan | estimated s (40% MFU) | measured s | "
+           "measured by |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(plan, key=lambda r: r["frames"]):
+        f, ex, bench = p["frames"], by_fit.get(p["frames"], {}), by_bench.get(p["frames"])
+        peak = ex.get("peak_bytes_in_use")
+        seconds = ex.get("seconds") if ex.get("status") == "ok" else None
+        source = "fit run" if peak or seconds else "-"
+        if bench is not None and peak is None and "peak_device_gib" in bench:
+            peak, source = bench["peak_device_gib"] * 2**30, "prefill_bench"
+        if bench is not None and seconds is None:
+            seconds, source = bench["features"] + bench["prefill"], "prefill_bench"
+        total = p["per_device_bytes"]["total"]
+        ratio = f"{peak / total:.2f}" if peak else "-"
+        md.append(f"| {f} | {p['target']} | {gib(total)} | {gib(peak)} | {ratio} | {p['estimate']['seconds']:.1f} | "
+                  f"{'-' if seconds is None else f'{seconds:.1f}'} | {source} |")
+else:
+    md.append("no plan (see aot/log.txt)")
+md.append("")
 
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(md))

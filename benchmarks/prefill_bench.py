@@ -38,24 +38,6 @@ ORIGINAL_CPU = {40: dict(features=3.45, prefill=2.06, e2e=5.19, rss_gb=1.5),
                 80: dict(features=7.35, prefill=4.39, e2e=11.31, rss_gb=2.1)}
 
 
-def prefill_flops(cfg, plan) -> float:
-    """Model FLOPs of one prefill row: matmuls of every fed token plus causal attention over its keys."""
-    llm = cfg.llm
-    d, h, n, k, f = llm.hidden_size, llm.head_dim, llm.num_heads, llm.num_kv_heads, llm.intermediate_size
-    per_token = 2 * (d * (n + 2 * k) * h + n * h * d + 3 * d * f)
-
-    def attention(queries: int, memory: int) -> float:
-        keys = memory * queries + queries * (queries + 1) / 2          # each query: memory + causal part
-        return 4 * n * h * keys
-
-    total, mem = 0.0, 0
-    steps = [(plan.prefix, plan.prefix)] + [(w.length, w.kept) for w in plan.windows] + [(plan.suffix, plan.suffix)]
-    for fed, kept in steps:
-        total += fed * per_token + attention(fed, mem)
-        mem += kept
-    return total * llm.num_layers
-
-
 def run_point(args) -> dict:
     """One (frames, ratio) point, in this process."""
     import jax
@@ -64,6 +46,7 @@ def run_point(args) -> dict:
 
     from vxl_jax import generate as gen_lib
     from vxl_jax import pipeline
+    from vxl_jax.aot import flops as flops_lib
     from vxl_jax.cli.util import peak_rss_mib
     from vxl_jax.compress import prefill as prefill_lib
     from vxl_jax.compress import schedules
@@ -128,7 +111,7 @@ def run_point(args) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_device_gib"] = stats["peak_bytes_in_use"] / 2**30
-    flops = prefill_flops(cfg, plan)
+    flops = flops_lib.prefill(cfg, plan)
     out["prefill_tflops"] = flops / out["prefill"] / 1e12
     if args.peak_tflops:
         out["mfu"] = out["prefill_tflops"] / args.peak_tflops

@@ -6,7 +6,7 @@ Random weights of a config, random uint8 frames, a 14-token prefix and a
 median over `--repeats` of the step time, the tokens per second (text +
 visual tokens fed, VSTs not counted) and, with `--peak-tflops`, the model
 FLOPs utilisation: 3x the forward's model FLOPs (CLIP + projector per frame,
-the compressed prefill of `prefill_bench.prefill_flops`, the text logits).
+the compressed prefill, the text logits: `vxl_jax.aot.flops`).
 XLA's own cost analysis is not used: it counts a loop body once.
 
     python benchmarks/train_bench.py                                    # CPU: bench_small, 10/40 frames
@@ -18,43 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
-
-import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from prefill_bench import prefill_flops  # noqa: E402
-
-
-def forward_flops(cfg, plans, frames: int, text_tokens: int) -> float:
-    """Model FLOPs of one forward over a batch: vision per frame, the compressed prefill, the vocabulary."""
-    v = cfg.vision
-    t = v.num_patches + 1
-    per_layer = 2 * t * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + 4 * t * t * v.hidden_size
-    vision = cfg.vision_layers_used * per_layer + 2 * t * v.patch_size ** 2 * v.num_channels * v.hidden_size
-    d = cfg.llm.hidden_size
-    projector = 2 * (t - 1) * (v.hidden_size * d + d * d)
-    logits = 2 * text_tokens * d * cfg.llm.vocab_size
-    return sum(prefill_flops(cfg, plan) for plan in plans) + len(plans) * (frames * (vision + projector) + logits)
-
-
-def make_batch(cfg, frames: int, rows: int, ratio: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    prefix, suffix = 14, 32
-    t = prefix + 1 + suffix
-    ids = rng.integers(0, min(cfg.llm.vocab_size, 30000), (rows, t)).astype(np.int32)
-    ids[:, prefix] = -200
-    labels = np.full_like(ids, -100)
-    labels[:, -16:] = ids[:, -16:]
-    per_window = cfg.vst.window // cfg.tokens_per_frame
-    windows = -(-frames // per_window)
-    size = cfg.vision.image_size
-    return {"input_ids": ids, "labels": labels, "text_mask": np.ones_like(ids, bool),
-            "frames": rng.integers(0, 256, (rows, windows * per_window, 3, size, size), dtype=np.uint8),
-            "num_frames": np.full(rows, frames, np.int32), "ratios": np.full((rows, windows), ratio, np.int32)}
 
 
 def main() -> None:
@@ -73,6 +38,8 @@ def main() -> None:
 
     import jax
     from vxl_jax import hostmem, parallel
+    from vxl_jax.aot import flops as flops_lib
+    from vxl_jax.aot.programs import synthetic_batch
     from vxl_jax.compress.plan import make_plan
     from vxl_jax.config import VideoXLConfig
     from vxl_jax.model import videoxl
@@ -95,7 +62,8 @@ def main() -> None:
         del params
         jitted = step_lib.jit_step(step, shardings)
         for frames in args.frames:
-            prepared = batch_lib.prepare(make_batch(cfg, frames, jax.device_count(), args.ratio), cfg, (args.ratio,))
+            prepared = batch_lib.prepare(synthetic_batch(cfg, frames, jax.device_count(), args.ratio), cfg,
+                                          (args.ratio,))
             inputs = batch_lib.to_global(prepared.inputs, mesh)
             t0 = time.perf_counter()
             compiled = jitted.lower(state, inputs, spec=prepared.spec).compile()
@@ -104,7 +72,7 @@ def main() -> None:
             plans = [make_plan(14, frames * cfg.tokens_per_frame, 32,
                                [args.ratio] * -(-frames * cfg.tokens_per_frame // cfg.vst.window),
                                window=cfg.vst.window)] * jax.device_count()
-            flops = 3 * forward_flops(cfg, plans, frames, 14 + 32)
+            flops = flops_lib.train_step(cfg, plans, frames, 14 + 32)
             state, out = compiled(state, inputs)
             jax.block_until_ready(out)
             times = []

@@ -6,10 +6,15 @@ import pathlib
 import shutil
 import tempfile
 
-import jax
-import pytest
+# The suite runs on the CPU. The `aot` extra installs the CUDA plugin and libtpu, which would otherwise try (and
+# fail, noisily) to find a GPU or TPU in every process: the test process and its children stay on the CPU
+# platform (compiling for accelerators does not need theirs: `vxl aot`, tests/test_aot.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from vxl_jax import program_cache
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from vxl_jax import program_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -192,12 +192,14 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, dict(mesh.shape)))
 
 
-def host_to_global(tree, mesh: Mesh, *, replicated: bool = False):
+def host_to_global(tree, mesh: Mesh, *, replicated: bool = False, abstract: bool = False):
     """Process-local numpy arrays (this host's rows) -> global jax Arrays sharded on `mesh`.
 
     Each process passes its own rows; the global batch is their concatenation
     in process order (one process: the array itself), its leading axis split
     over (data, fsdp). `replicated`: every process passes the same whole array.
+    `abstract`: their `jax.ShapeDtypeStruct` twins with the same shardings, nothing
+    placed (to lower a program for a mesh with no devices, a compile-only topology).
     """
     procs = jax.process_count()
 
@@ -212,6 +214,9 @@ def host_to_global(tree, mesh: Mesh, *, replicated: bool = False):
                 raise ValueError(f"{rows} global rows do not split over data x fsdp = "
                                  f"{mesh.shape['data'] * mesh.shape['fsdp']} ways")
         sharding = NamedSharding(mesh, spec)
+        if abstract:
+            return jax.ShapeDtypeStruct((x.shape[0] * procs, *x.shape[1:]) if x.ndim and not replicated else x.shape,
+                                        x.dtype, sharding=sharding)
         if procs == 1:
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x)

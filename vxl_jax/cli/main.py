@@ -6,16 +6,16 @@ import argparse
 import os
 import sys
 
-from vxl_jax.cli import convert, demo, eval, fixture_check, infer, tiny_clip, tiny_model, train
+from vxl_jax.cli import aot, convert, demo, eval, fixture_check, infer, tiny_clip, tiny_model, train
 from vxl_jax.cli.util import COMPILATION_CACHE_ENV, compilation_cache, resolve_compilation_cache
 
-COMMANDS = (convert, tiny_model, tiny_clip, demo, infer, eval, train, fixture_check)
+COMMANDS = (convert, tiny_model, tiny_clip, demo, infer, eval, train, fixture_check, aot)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vxl",
-        description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, evaluate (multiple-choice QA, needle in a haystack), train, check parity with golden cases.",
+        description="Video-XL in JAX: convert checkpoints, make tiny test models, run the demo, answer questions about videos, evaluate (multiple-choice QA, needle in a haystack), train, check parity with golden cases, compile for a GPU or TPU without one (aot).",
         epilog="Run `vxl COMMAND --help` for a command's options. Compiled programs are kept in a persistent "
                "cache, so a second run of a command does not compile them again (the model's programs are "
                "not even traced again: their executables are kept in the folder's programs/): by default in "

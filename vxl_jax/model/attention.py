@@ -29,8 +29,9 @@ and "causal self-attention", merged by their log-sum-exp. Backends:
           the tested stand-in for the cudnn path's structure.
   dense   one softmax over the concatenated keys with an explicit mask: the
           reference the others are tested against; small shapes only.
-  auto    cudnn on GPU for bfloat16/float16 inputs; cpu on a one-device CPU run where the
-          kernel builds; xla otherwise.
+  auto    chosen from the platform the program is built for (`vxl_jax.target`, `AUTO`):
+          cudnn on GPU for bfloat16/float16 inputs; cpu on a one-device CPU program where
+          the kernel builds; xla otherwise.
 
 Axis legend: B batch, T queries, S memory keys, U the step's own keys (= T),
 N query heads, K kv heads, G query heads per kv head (N = K*G), H head dim.
@@ -44,6 +45,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from vxl_jax import target
 from vxl_jax.config import ATTENTION_BACKENDS as BACKENDS
 from vxl_jax.kernels import cpu_attention
 
@@ -51,19 +53,36 @@ BLOCK = 256            # queries per block, keys per tile (256 measured fastest 
 _NEG = -1e30           # finite "minus infinity": no inf - inf in the online softmax
 
 
+# What `auto` stands for, by the target platform (`vxl_jax.target`: the mesh the program is built for) and
+# whether the inputs are 16-bit. cuDNN's fused kernels take no float32; the CPU kernel is a custom call with no
+# sharding rule (on a mesh of several CPU devices XLA would gather its operands), so it serves one device only.
+AUTO = {
+    ("gpu", True): "cudnn",
+    ("gpu", False): "xla",
+    ("tpu", True): "xla",
+    ("tpu", False): "xla",
+    ("cpu", True): "cpu",
+    ("cpu", False): "cpu",
+}
+# Backends that only compile for one platform: a program for any other is refused, not miscompiled.
+PLATFORM_ONLY = {"cpu": "cpu", "cudnn": "gpu"}
+
+
 def resolve(backend: str, dtype=jnp.bfloat16) -> str:
-    """The backend `auto` stands for: cuDNN on a GPU for 16-bit inputs (its fused kernels take no float32),
-    the CPU kernel on a single-device CPU run (a custom call has no sharding rule: on a mesh of several
-    devices XLA would gather its operands), xla otherwise."""
+    """The backend a program for the current target runs: `auto` through `AUTO`; an explicit one as asked,
+    checked against the target (a CPU custom call never reaches a GPU or TPU program)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    where = target.platform()
     if backend == "auto":
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        if jax.default_backend() == "gpu" and half:
-            return "cudnn"
-        if jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_attention.available():
-            return "cpu"
-        return "xla"
+        backend = AUTO[(where, half)]
+        if backend == "cpu" and (target.device_count() != 1 or not cpu_attention.available()):
+            backend = "xla"
+        return backend
+    if PLATFORM_ONLY.get(backend, where) != where:
+        raise ValueError(f"attention backend {backend!r} runs on {PLATFORM_ONLY[backend]} only; "
+                         f"this program is built for {where}")
     if backend == "cpu" and not cpu_attention.available():
         raise RuntimeError(f"attention backend 'cpu': the kernel is unavailable ({cpu_attention.unavailable_reason()})")
     return backend
@@ -125,8 +144,12 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "
     if backend == "dense":
         return dense_attention(q, k, v)
     if backend in ("cudnn", "jax"):
-        # On a GPU let JAX pick cuDNN where it supports the shape (CLIP's 577 tokens), XLA otherwise.
-        return jax.nn.dot_product_attention(q, k, v, implementation=None if backend == "cudnn" else "xla")
+        # cuDNN's training kernels take even lengths only: CLIP's 577 tokens run as 578, the pad key masked.
+        t, s = q.shape[1], k.shape[1]
+        q, k, v = _even(q), _even(k), _even(v)
+        lengths = jnp.full((k.shape[0],), s, jnp.int32) if k.shape[1] != s else None
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                            implementation="cudnn" if backend == "cudnn" else "xla")[:, :t]
     b, s = k.shape[:2]
     none = jnp.zeros((b, 0) + k.shape[2:], k.dtype)
     # One key block covers the whole sequence (CLIP's 577 tokens): no partial block computed twice.
@@ -144,6 +167,11 @@ def _dense_split(q, k, v, mem_k, mem_v, mem_len, q_pos=None):
     return dense_attention(q, jnp.concatenate([mem_k, k], 1), jnp.concatenate([mem_v, v], 1), mask)
 
 
+def _even(x: jax.Array) -> jax.Array:
+    """x [B, T, ...] padded with zeros to an even T."""
+    return x if x.shape[1] % 2 == 0 else jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+
+
 def _two_calls(q, k, v, mem_k, mem_v, mem_len, backend):
     """Forward of the cudnn / jax backends: each half through jax.nn.dot_product_attention, merged by LSE.
 
@@ -151,9 +179,17 @@ def _two_calls(q, k, v, mem_k, mem_v, mem_len, backend):
     (the residual LSE of the library call is not differentiable, the merged one is all the backward needs).
     """
     implementation = "cudnn" if backend == "cudnn" else "xla"
-    sdpa = functools.partial(jax.nn.dot_product_attention, implementation=implementation, return_residual=True)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
+
+    def sdpa(q, k, v, **kw):
+        # cuDNN's training kernels take even lengths only: an odd step runs one pad row longer (a pad query is
+        # dropped; a pad own key comes after every real query, so causality hides it; a pad memory key lies past
+        # every row's length).
+        out, lse = jax.nn.dot_product_attention(_even(q), _even(k), _even(v), implementation=implementation,
+                                                return_residual=True, **kw)
+        return out[:, :t], lse[:, :t]
+
     to_stats = lambda lse: lse.astype(jnp.float32).reshape(b, t, kv_heads, n // kv_heads).transpose(0, 2, 3, 1)
     out_self, lse_self = sdpa(q, k, v, is_causal=True)
     if mem_k.shape[1] == 0:

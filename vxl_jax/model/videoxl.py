@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vxl_jax import target
 from vxl_jax.config import VideoXLConfig
 from vxl_jax.model import clip, init, projector, qwen2
 
@@ -59,15 +60,15 @@ def frame_features(params: dict, cfg: VideoXLConfig, pixels: jax.Array, dtype=jn
     Frames are independent, so they run `frame_chunk` at a time (`lax.map`):
     on CPU small chunks keep each chunk's activations in cache (40 frames of
     bench_small on 2 CPU cores with the fused attention kernel: 0.59 s in
-    chunks of 2, 0.67 s in chunks of 10, 0.76 s whole). Default: 2 on CPU, all
-    frames at once elsewhere.
+    chunks of 2, 0.67 s in chunks of 10, 0.76 s whole). Default: 2 on a CPU target, all
+    frames at once elsewhere (`vxl_jax.target`: the platform the program is built for).
     """
     def one(chunk):
         projected = projector.project(params["projector"], clip_features(params, cfg, chunk, dtype), dtype)
         return projector.avg_pool_grid(projected, cfg.vision.grid, cfg.projector.pool_stride)
 
     frames = pixels.shape[0]
-    chunk = frame_chunk or (CPU_FRAME_CHUNK if jax.default_backend() == "cpu" else frames)
+    chunk = frame_chunk or (CPU_FRAME_CHUNK if target.platform() == "cpu" else frames)
     if chunk >= frames:
         return one(pixels)
     count = -(-frames // chunk)

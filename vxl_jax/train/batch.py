@@ -113,8 +113,9 @@ def prepare(batch: dict, cfg: VideoXLConfig, ratios: Sequence[int], *,
     return Prepared(TrainInputs(arrays, frames, prefix_targets, suffix_targets), spec, tokens, targets)
 
 
-def to_global(inputs: TrainInputs, mesh) -> TrainInputs:
+def to_global(inputs: TrainInputs, mesh, *, abstract: bool = False) -> TrainInputs:
     """This process's rows on the mesh: rows over (data, fsdp); the per-window branch [W] replicated.
+    `abstract`: the same as `jax.ShapeDtypeStruct`s with those shardings (to compile for a mesh without devices).
 
     With several processes the branch is agreed on: each window runs the smallest index any process
     chose, i.e. the smallest ratio (branches are sorted by ratio; no-op last), which holds every row's
@@ -124,6 +125,6 @@ def to_global(inputs: TrainInputs, mesh) -> TrainInputs:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         branch = np.asarray(multihost_utils.process_allgather(np.asarray(branch))).min(axis=0).astype(branch.dtype)
-    rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh)
-    branch = parallel.host_to_global(branch, mesh, replicated=True)
+    rows = parallel.host_to_global(inputs.replace(plan=inputs.plan.replace(branch=None)), mesh, abstract=abstract)
+    branch = parallel.host_to_global(branch, mesh, replicated=True, abstract=abstract)
     return rows.replace(plan=rows.plan.replace(branch=branch))

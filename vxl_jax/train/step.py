@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vxl_jax.compress.packing import PrefillSpec
@@ -86,7 +87,8 @@ def make_step(cfg: VideoXLConfig, tx: optax.GradientTransformation, trainable, s
     With `return_grads`, metrics["grads"] holds the (mean, unclipped) gradients, for tests.
     """
     dtype = DTYPES[settings.dtype]
-    norm = (jnp.asarray(settings.pixel_mean, jnp.float32), jnp.asarray(settings.pixel_std, jnp.float32))
+    # numpy, not device arrays: building a step creates none (it may be compiled for a topology with no device)
+    norm = (np.asarray(settings.pixel_mean, np.float32), np.asarray(settings.pixel_std, np.float32))
 
     def terms(params, inputs: TrainInputs, spec: PrefillSpec):
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
