@@ -14,14 +14,18 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,aot]"
 	touch $@
 
 demo: $(VENV)/.runtime  ## tiny random model + tokenizer -> HF -> JAX -> vxl infer on a generated H.264 video
-	$(BIN)/vxl demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/vxl demo
 
-test: $(VENV)/.test  ## the default test suite (slow tests excluded)
-	$(BIN)/python -m pytest
+# Two workers: the suite leaves a core idle about a third of the time (compiles and subprocesses are largely
+# single-threaded); whole files go to one worker so that module fixtures run once.
+TEST_WORKERS ?= 2
+
+test: $(VENV)/.test  ## the default test suite (slow tests excluded; the GPU / TPU compiles included)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.test  ## only the slow tests (e.g. conversion peak memory on a >1 GB checkpoint)
 	$(BIN)/python -m pytest -m slow

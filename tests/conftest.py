@@ -10,6 +10,12 @@ import tempfile
 # fail, noisily) to find a GPU or TPU in every process: the test process and its children stay on the CPU
 # platform (compiling for accelerators does not need theirs: `vxl aot`, tests/test_aot.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's GPU flags for compiling without a GPU (tests/test_aot.py compiles for an H100 in process too); they change
+# nothing for the CPU.
+from vxl_jax.aot.targets import GPU_XLA_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                    *[f for f in GPU_XLA_FLAGS if f not in os.environ.get("XLA_FLAGS", "")]]).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -161,3 +161,40 @@ def test_flops_count_every_window_and_scale_with_rows():
     assert flops.prefill(cfg, two) > 2 * flops.prefill(cfg, one) - flops.prefill(cfg, make_plan(14, 0, 16, []))
     assert flops.train_step(cfg, [one, one], 10, 46) == 2 * flops.train_step(cfg, [one], 10, 46)
     assert flops.decode(cfg, 100, 4, rows=3) == 3 * flops.decode(cfg, 100, 4)
+
+
+def test_an_independent_compile_agrees_with_vxl_aot(compiled):
+    """The prefill `vxl aot` reported, compiled again here by hand: straight `jax.jit(prefill).lower(...)` on a
+    mesh of one H100 from the topology, inputs built from the plan without `aot.programs`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vxl_jax.aot import targets
+    from vxl_jax.compress import packing, prefill
+    from vxl_jax.compress.plan import make_plan
+    from vxl_jax.config import VideoXLConfig
+    from vxl_jax.model import videoxl
+
+    if "--xla_gpu_autotune_level=0" not in os.environ.get("XLA_FLAGS", ""):
+        pytest.skip("an in-process GPU compile needs XLA's GPU flags set before jax starts (the child tests cover it)")
+    cfg = VideoXLConfig.load("bench_small")
+    topo = topologies.get_topology_desc(platform="cuda", target_config=targets.TARGETS["h100"].gpu.target_config(),
+                                        topology="1x1x1")
+    mesh = jax.sharding.Mesh(np.array(topo.devices), ("data",))
+    rep = NamedSharding(mesh, P())
+    plan = make_plan(14, 20 * cfg.tokens_per_frame, 16, [8] * 2, window=cfg.vst.window)
+    arrays, spec = packing.pack([plan], [np.arange(11, 25)], [np.arange(11, 27)], max_new_tokens=16)
+    arrays = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep), arrays)
+    shapes = jax.eval_shape(lambda: videoxl.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), shapes)
+    frames = jax.ShapeDtypeStruct((1, arrays.num_windows * 10, 3, 336, 336), jnp.uint8, sharding=rep)
+    norm = (jax.ShapeDtypeStruct((3,), jnp.float32, sharding=rep),) * 2
+    with jax.set_mesh(mesh):
+        stats = jax.jit(prefill.prefill, static_argnames=("cfg", "spec", "dtype")).lower(
+            params, cfg, arrays, frames, spec=spec, pixel_norm=norm, dtype=jnp.bfloat16).compile().memory_analysis()
+    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes \
+        - stats.alias_size_in_bytes
+    reported = compiled["h100", "prefill", 1]["per_device_bytes"]["total"]
+    assert abs(total - reported) <= 0.02 * reported, (total, reported)

@@ -15,11 +15,14 @@ import re
 import time
 from typing import Optional
 
+import numpy as np
+
 from vxl_jax.aot import programs, targets
 
 CPU_KERNELS = ("vxl_flash_attention",)        # our CPU FFI targets: never allowed in a GPU or TPU program
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 DEFAULT_MFU = 0.4
+GIB = 2 ** 30
 
 
 def check_environment(target: targets.Target) -> None:
@@ -39,6 +42,32 @@ def check_environment(target: targets.Target) -> None:
 
 def _custom_calls(hlo_text: str) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
+
+
+def _refusal(err: Exception) -> Optional[tuple[int, str]]:
+    """(temporary bytes the compiler asked for, its message) when it refused for lack of device memory."""
+    text = str(err)
+    m = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM", text)
+    if "RESOURCE_EXHAUSTED" not in text or m is None:
+        return None
+    return int(float(m.group(1)) * GIB), text[text.index("RESOURCE_EXHAUSTED"):].splitlines()[0]
+
+
+def _shard_bytes(x) -> int:
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _from_shapes(lowered, args, refused) -> dict:
+    """Per-device bytes of a program the compiler refused: arguments and outputs from their shardings, the
+    donated ones as aliased, the temporaries as the compiler said."""
+    import jax
+
+    leaves = lambda tree: [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
+    argument = sum(_shard_bytes(x) for x in leaves(args))
+    output = sum(_shard_bytes(x) for x in leaves(lowered.out_info))
+    donated = sum(_shard_bytes(x) for i in lowered.donate_argnums if i < len(args) for x in leaves(args[i]))
+    return dict(argument=argument, output=output, alias=min(donated, output), temp=refused[0], generated_code=0)
 
 
 def compile_point(target_name: str, job: str, config: str, *, frames: int, ratio: int = 16, rows: Optional[int] = None,
@@ -72,13 +101,24 @@ def compile_point(target_name: str, job: str, config: str, *, frames: int, ratio
         llm_backend = attention.resolve(cfg.llm.attention, compute)
         clip_backend = attention.resolve("auto", compute)
         t0 = time.perf_counter()
-        lowered = program.lower()
-        compiled = lowered.compile()
+        fn, args, kwargs = program.make()
+        lowered = fn.lower(*args, **kwargs)
+        refused = None
+        try:
+            compiled = lowered.compile()
+        except Exception as err:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit
+            refused = _refusal(err)
+            if refused is None:
+                raise
         compile_s = time.perf_counter() - t0
-    stats = compiled.memory_analysis()
-    per_device = {f: int(getattr(stats, f"{f}_size_in_bytes", 0) or 0) for f in FIELDS}
+    if refused is None:
+        stats = compiled.memory_analysis()
+        per_device = {f: int(getattr(stats, f"{f}_size_in_bytes", 0) or 0) for f in FIELDS}
+        calls = _custom_calls(compiled.as_text())
+    else:
+        per_device = _from_shapes(lowered, args, refused)
+        calls = _custom_calls(lowered.as_text())
     per_device["total"] = per_device["argument"] + per_device["output"] + per_device["temp"] - per_device["alias"]
-    calls = _custom_calls(compiled.as_text())
     cpu_calls = [c for c in calls if c.startswith(CPU_KERNELS)]
     if cpu_calls:
         raise AssertionError(f"a CPU custom call reached a {target.platform} program: {cpu_calls}")
@@ -87,11 +127,13 @@ def compile_point(target_name: str, job: str, config: str, *, frames: int, ratio
         target=target.name, platform=target.platform, device_kind=target.device_kind, devices=devices,
         mesh=dict(zip(parallel.MESH_AXES, mesh)), job=job, config=config, frames=frames, ratio=ratio, rows=rows,
         dtype=dtype, per_device_bytes=per_device, device_memory_bytes=target.memory_bytes,
-        fits=per_device["total"] <= target.memory_bytes, attention_backend=llm_backend,
+        fits=refused is None and per_device["total"] <= target.memory_bytes, attention_backend=llm_backend,
         clip_attention_backend=clip_backend,
         attention_note=("the penultimate layer's VST-row subsets (q_pos) run on xla: cuDNN has no row-subset mask"
                         if llm_backend == "cudnn" and job != "decode" else None),
         custom_calls=calls, compile_s=round(compile_s, 2), flops=program.flops,
+        compiler_refused=refused is not None,
+        compiler_message=None if refused is None else refused[1],
         estimate=dict(mfu=mfu, peak_flops_per_device=target.peak_bf16_flops, seconds=seconds,
                       note="an estimate: analytic FLOPs at an assumed MFU, not a measurement"),
         **program.facts)

@@ -1,6 +1,6 @@
 """The programs `vxl aot` compiles, built from abstract inputs on a mesh of any devices (no arrays).
 
-Each builder returns a `Program`: a thunk that lowers it (call it inside `jax.set_mesh(mesh)`), the
+Each builder returns a `Program`: a thunk that builds it (call it inside `jax.set_mesh(mesh)`), the
 analytic FLOPs of its work, and the facts of its shapes. Inputs are synthetic but shaped as the CLI's:
 
   prefill  `compress.prefill.prefill` (what `vxl infer` runs): per row a 14-token prefix, F uint8 frames
@@ -16,7 +16,7 @@ Rows split over the mesh's (data, fsdp) axes, parameters and optimizer state as 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass
 class Program:
     job: str
-    lower: Callable[[], Any]          # -> jax.stages.Lowered; call inside jax.set_mesh(mesh)
+    make: Callable[[], tuple]         # -> (jitted function, args, kwargs): abstract inputs; call inside jax.set_mesh
     flops: float                      # analytic model FLOPs of one call (all devices together)
     facts: dict                       # shapes: windows, KV entries, buffer size, ...
 
@@ -94,9 +94,9 @@ def prefill(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1,
     visual = jax.ShapeDtypeStruct((rows, padded, channels, size, size), jnp.uint8, sharding=visual.sharding)
     norm = (_replicated(mesh, (channels,), jnp.float32),) * 2
 
-    def lower():
-        return prefill_lib.prefill_jit.lower(abstract_params(cfg, mesh, dt), cfg, abstract_plan(arrays, mesh),
-                                             visual, spec=spec, pixel_norm=norm, dtype=dt)
+    def make():
+        return (prefill_lib.prefill_jit, (abstract_params(cfg, mesh, dt), cfg, abstract_plan(arrays, mesh), visual),
+                dict(spec=spec, pixel_norm=norm, dtype=dt))
 
     facts = dict(windows=len(plan.windows), windows_padded=arrays.num_windows, frames_padded=padded,
                  kv_entries=plan.memory_after_prefill, buffer_entries=spec.buffer_size,
@@ -105,7 +105,7 @@ def prefill(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1,
                  frames_bytes=rows * padded * channels * size * size)
     work = rows * (flops_lib.prefill(cfg, plan) + frames * flops_lib.vision_per_frame(cfg)
                    + flops_lib.logits(cfg, 1))
-    return Program("prefill", lower, work, facts)
+    return Program("prefill", make, work, facts)
 
 
 def decode(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, dtype: str = "bfloat16") -> Program:
@@ -125,14 +125,14 @@ def decode(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, 
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
 
-    def lower():
-        return generate_jit.lower(abstract_params(cfg, mesh, dt), cfg, memory, last_logits, key,
-                                  max_new_tokens=NEW_TOKENS, dtype=dt)
+    def make():
+        return (generate_jit, (abstract_params(cfg, mesh, dt), cfg, memory, last_logits, key),
+                dict(max_new_tokens=NEW_TOKENS, dtype=dt))
 
     facts = dict(windows=len(plan.windows), kv_entries=plan.memory_after_prefill, buffer_entries=spec.buffer_size,
                  kv_kept_bytes=_kv_bytes(cfg, plan.memory_after_prefill, rows, dt),
                  kv_buffer_bytes=_kv_bytes(cfg, spec.buffer_size, rows, dt), new_tokens=NEW_TOKENS)
-    return Program("decode", lower, flops_lib.decode(cfg, plan.memory_after_prefill, NEW_TOKENS, rows), facts)
+    return Program("decode", make, flops_lib.decode(cfg, plan.memory_after_prefill, NEW_TOKENS, rows), facts)
 
 
 def synthetic_batch(cfg: VideoXLConfig, frames: int, rows: int, ratio: int, seed: int = 0) -> dict:
@@ -161,7 +161,7 @@ def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, d
     batch = synthetic_batch(cfg, frames, rows, ratio)
     prepared = batch_lib.prepare(batch, cfg, (ratio,))
 
-    def lower():
+    def make():
         params = jax.eval_shape(lambda: videoxl.init_params(cfg, jax.random.key(0)))
         ocfg = optim.OptimConfig(learning_rate=1e-5)
         tx = optim.build(ocfg, params, 100)
@@ -170,7 +170,7 @@ def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, d
         shardings = parallel.tree_shardings(abstract, mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         inputs = batch_lib.to_global(prepared.inputs, mesh, abstract=True)
-        return step_lib.jit_step(step, shardings).lower(state, inputs, spec=prepared.spec)
+        return step_lib.jit_step(step, shardings), (state, inputs), dict(spec=prepared.spec)
 
     visual = frames * cfg.tokens_per_frame
     plan = plan_of(TRAIN_PREFIX, visual, TRAIN_SUFFIX, [ratio] * num_windows(visual, cfg.vst.window),
@@ -181,7 +181,7 @@ def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, d
                  text_tokens=TRAIN_PREFIX + 1 + TRAIN_SUFFIX, targets=prepared.targets,
                  step_settings=dataclasses.asdict(settings))
     work = flops_lib.train_step(cfg, [plan] * rows, frames, TRAIN_PREFIX + TRAIN_SUFFIX)
-    return Program("train", lower, work, facts)
+    return Program("train", make, work, facts)
 
 
 BUILDERS = {"prefill": prefill, "decode": decode, "train": train}

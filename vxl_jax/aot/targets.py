@@ -80,9 +80,10 @@ TARGETS: dict[str, Target] = {
     "h100": Target("h100", "gpu", _H100.name, _H100.device_memory_size, 989.4e12, gpu=_H100),
     "h200": Target("h200", "gpu", _H200.name, _H200.device_memory_size, 989.4e12, gpu=_H200),
     "a100-80g": Target("a100-80g", "gpu", _A100.name, _A100.device_memory_size, 312e12, gpu=_A100),
-    "tpu-v5p": Target("tpu-v5p", "tpu", "TPU v5", 95 * GIB, 459e12, tpu_generation="v5p", tpu_dims=3),
-    "tpu-v5e": Target("tpu-v5e", "tpu", "TPU v5 lite", 16 * GIB, 197e12, tpu_generation="v5e", tpu_dims=2),
-    "tpu-v6e": Target("tpu-v6e", "tpu", "TPU v6 lite", 32 * GIB, 918e12, tpu_generation="v6e", tpu_dims=2),
+    # TPU memory: the HBM libtpu's compiler counts as available (its out-of-memory message names it).
+    "tpu-v5p": Target("tpu-v5p", "tpu", "TPU v5", int(95.74 * GIB), 459e12, tpu_generation="v5p", tpu_dims=3),
+    "tpu-v5e": Target("tpu-v5e", "tpu", "TPU v5 lite", int(15.75 * GIB), 197e12, tpu_generation="v5e", tpu_dims=2),
+    "tpu-v6e": Target("tpu-v6e", "tpu", "TPU v6 lite", int(31.25 * GIB), 918e12, tpu_generation="v6e", tpu_dims=2),
 }
 # Smallest TPU slices libtpu describes (one host: 2x2 chips); a run on fewer chips uses the first of them.
 _TPU_SHAPES = {3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"},
