@@ -206,29 +206,23 @@ def train_point(cfg_name: str, frames: int, ratio: int, settings_kw: dict, text_
     import jax.numpy as jnp
 
     from vxl_jax import parallel
+    from vxl_jax.aot.programs import abstract_train_step
     from vxl_jax.config import VideoXLConfig
-    from vxl_jax.model import videoxl
-    from vxl_jax.train import batch as batch_lib, optim, step as step_lib
+    from vxl_jax.train import batch as batch_lib, step as step_lib
 
     cfg = VideoXLConfig.load(cfg_name)
     settings = step_lib.StepSettings(**settings_kw)
     mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1), devices=jax.devices()[:1])   # batch 1: one row
     with jax.set_mesh(mesh):
-        params = jax.eval_shape(lambda: videoxl.init_params(cfg, jax.random.key(0)))
-        ocfg = optim.OptimConfig(learning_rate=1e-5)
-        tx = optim.build(ocfg, params, 100)
-        step = step_lib.make_step(cfg, tx, optim.trainable_mask(ocfg, params), settings)
-        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
-        shardings = parallel.tree_shardings(abstract, mesh)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        jitted, state = abstract_train_step(cfg, mesh, settings)
         prepared = batch_lib.prepare(_text_batch(cfg, frames, ratio, text_tokens), cfg, (ratio,))
         inputs = batch_lib.to_global(prepared.inputs, mesh)
         t0 = time.perf_counter()
-        compiled = step_lib.jit_step(step, shardings).lower(state, inputs, spec=prepared.spec).compile()
+        compiled = jitted.lower(state, inputs, spec=prepared.spec).compile()
         compile_s = time.perf_counter() - t0
     mem = _memory(compiled)
-    state_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
-    param_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+    state_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    param_bytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state.params))
     measured = mem["argument_bytes"] + mem["output_bytes"] + mem["temp_bytes"] - mem["alias_bytes"]
     row = dict(kind="train", config=cfg_name, frames=frames, ratio=ratio, batch=1,
                text_tokens=int(prepared.inputs.suffix_targets.shape[1]), targets=prepared.targets,

@@ -151,26 +151,34 @@ def synthetic_batch(cfg: VideoXLConfig, frames: int, rows: int, ratio: int, seed
             "num_frames": np.full(rows, frames, np.int32), "ratios": np.full((rows, windows), ratio, np.int32)}
 
 
+def abstract_train_step(cfg: VideoXLConfig, mesh, settings):
+    """(the jitted step, the train state as sharded `ShapeDtypeStruct`s): AdamW over every parameter, float32
+    state sharded by `parallel.RULES` on `mesh` (call inside `jax.set_mesh(mesh)`)."""
+    from vxl_jax.model import videoxl
+    from vxl_jax.train import optim, step as step_lib
+
+    params = jax.eval_shape(lambda: videoxl.init_params(cfg, jax.random.key(0)))
+    ocfg = optim.OptimConfig(learning_rate=1e-5)
+    tx = optim.build(ocfg, params, 100)
+    step = step_lib.make_step(cfg, tx, optim.trainable_mask(ocfg, params), settings)
+    abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
+    shardings = parallel.tree_shardings(abstract, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return step_lib.jit_step(step, shardings), state
+
+
 def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, dtype: str = "bfloat16",
           settings: Optional[dict] = None) -> Program:
     from vxl_jax.compress.plan import make_plan as plan_of
-    from vxl_jax.model import videoxl
-    from vxl_jax.train import batch as batch_lib, optim, step as step_lib
+    from vxl_jax.train import batch as batch_lib, step as step_lib
 
     settings = step_lib.StepSettings(**{"dtype": dtype, **(settings or {})})
     batch = synthetic_batch(cfg, frames, rows, ratio)
     prepared = batch_lib.prepare(batch, cfg, (ratio,))
 
     def make():
-        params = jax.eval_shape(lambda: videoxl.init_params(cfg, jax.random.key(0)))
-        ocfg = optim.OptimConfig(learning_rate=1e-5)
-        tx = optim.build(ocfg, params, 100)
-        step = step_lib.make_step(cfg, tx, optim.trainable_mask(ocfg, params), settings)
-        abstract = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
-        shardings = parallel.tree_shardings(abstract, mesh)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        inputs = batch_lib.to_global(prepared.inputs, mesh, abstract=True)
-        return step_lib.jit_step(step, shardings), (state, inputs), dict(spec=prepared.spec)
+        jitted, state = abstract_train_step(cfg, mesh, settings)
+        return jitted, (state, batch_lib.to_global(prepared.inputs, mesh, abstract=True)), dict(spec=prepared.spec)
 
     visual = frames * cfg.tokens_per_frame
     plan = plan_of(TRAIN_PREFIX, visual, TRAIN_SUFFIX, [ratio] * num_windows(visual, cfg.vst.window),

@@ -15,6 +15,7 @@ Run with `JAX_PLATFORMS=cpu` so that no device is initialised; GPU compiles need
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 GIB = 2 ** 30
@@ -101,6 +102,8 @@ def topology(name: str, devices: int = 1):
     """(topology description, the `devices` devices of it a program runs on) for a target."""
     from jax.experimental import topologies
 
+    # Compiling uses no TPU: several processes may hold libtpu at once (else it takes a machine-wide lock file).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     t = get(name)
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
