@@ -10,12 +10,23 @@ import tempfile
 # fail, noisily) to find a GPU or TPU in every process: the test process and its children stay on the CPU
 # platform (compiling for accelerators does not need theirs: `vxl aot`, tests/test_aot.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's GPU flags for compiling without a GPU (tests/test_aot.py compiles for an H100 in process too); they change
-# nothing for the CPU.
+# XLA flags of the test processes and the `vxl` processes they start (`xla_flags()` adds to them):
+# - XLA's GPU flags for compiling without a GPU (tests/test_aot.py compiles for an H100 in process too); they change
+#   nothing for the CPU;
+# - LLVM at -O0 for the CPU programs: the suite's programs are compiled once and run on tiny shapes, and code
+#   generation was most of their compile time (a tiny train step: 25 s -> 14 s; tests/test_compression.py 92 s ->
+#   61 s). The arithmetic is the same IEEE operations in the same order (XLA enables no fast-math); only the
+#   machine code is slower.
 from vxl_jax.aot.targets import GPU_XLA_FLAGS  # noqa: E402
 
+TEST_XLA_FLAGS = (*GPU_XLA_FLAGS, "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                    *[f for f in GPU_XLA_FLAGS if f not in os.environ.get("XLA_FLAGS", "")]]).strip()
+                                    *[f for f in TEST_XLA_FLAGS if f not in os.environ.get("XLA_FLAGS", "")]]).strip()
+
+
+def xla_flags(*extra: str) -> str:
+    """This session's XLA_FLAGS with `extra` flags after them (for the environment of a child process)."""
+    return " ".join([os.environ["XLA_FLAGS"], *extra])
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -50,3 +61,14 @@ def fixtures() -> pathlib.Path:
     if not (path / "ckpt_A" / "config.json").is_file():
         pytest.skip(f"golden fixtures not found at {path} (set VXL_FIXTURES to the videoxl_tiny folder)")
     return path
+
+
+# The files that take minutes run first: `make test` runs two workers, a file per worker at a time (pytest-xdist
+# --dist loadfile), and a long file started last would leave the other worker idle at the end.
+HEAVY_FIRST = ("test_aot.py", "test_train_loop.py", "test_sharding.py", "test_compression.py", "test_schedules.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: order within a file kept
+

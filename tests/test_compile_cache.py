@@ -9,6 +9,8 @@ import textwrap
 import jax
 import pytest
 
+from conftest import xla_flags
+
 from vxl_jax.cli import util
 from vxl_jax.cli.main import build_parser
 from vxl_jax.cli.util import COMPILATION_CACHE_ENV, compilation_cache, resolve_compilation_cache
@@ -105,7 +107,7 @@ PROBE = textwrap.dedent("""
 
 
 def _probe(tmp_path, *args) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu")
     env.pop(COMPILATION_CACHE_ENV, None)
     out = subprocess.run([sys.executable, "-c", PROBE, *args, "probe"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -29,6 +29,7 @@ def _given(lengths, ratios):
     return lambda video, key=None: schedules.Segments(tuple(lengths), tuple(ratios))
 
 
+@pytest.mark.slow     # 33 s; variable windows in a batch: test_rows_with_different_window_lengths_batch_like_single_rows
 def test_variable_windows_equal_a_python_loop_and_share_the_compilation(model):
     params, cfg = model
     rng = np.random.default_rng(0)

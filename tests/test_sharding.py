@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_worker(mesh: str, accum: int = 1) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharding_worker.py"), mesh, str(accum)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 from vxl_jax.conversion.safetensors_io import CheckpointReader
 from vxl_jax.train.metrics import read_jsonl
 
@@ -25,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                 JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
