@@ -21,11 +21,12 @@ demo: $(VENV)/.runtime  ## tiny random model + tokenizer -> HF -> JAX -> vxl inf
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/vxl demo
 
 # Two workers: the suite leaves a core idle about a third of the time (compiles and subprocesses are largely
-# single-threaded); whole files go to one worker so that module fixtures run once.
+# single-threaded); whole files go to one worker so that module fixtures run once, the longest files first
+# (tests/conftest.py orders them; xdist would otherwise sort files by their number of tests).
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.test  ## the default test suite (slow tests excluded; the GPU / TPU compiles included)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: $(VENV)/.test  ## only the slow tests (e.g. conversion peak memory on a >1 GB checkpoint)
 	$(BIN)/python -m pytest -m slow

@@ -86,8 +86,17 @@ def main(mesh_shape: tuple[int, int, int], accum: int) -> dict:
     (l0, g0, p0, d0), (l1, g1, p1, d1) = results["unsharded"], results["sharded"]
     grad_diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), d0, d1))
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0, p1))
+    # Adam's first step moves a parameter by about lr * sign(g): where g is within its rounding noise of zero the
+    # two runs may step opposite ways. Where the sign is sure (|g| far above eps and above 10x the two runs'
+    # difference) the updates must agree to rounding.
+    sure = lambda g, h: (np.abs(g) > 1e-6) & (np.abs(g) > 10 * np.abs(g - h))
+    sure_diffs = jax.tree.leaves(jax.tree.map(
+        lambda a, b, g, h: float(np.where(sure(g, h), np.abs(a - b), 0).max()), p0, p1, d0, d1))
+    unsure = sum(jax.tree.leaves(jax.tree.map(lambda g, h: int((~sure(g, h)).sum()), d0, d1)))
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p0, host_params))
     return {"loss": [l0, l1], "grad_norm": [g0, g1], "param_max_diff": max(diffs), "grad_max_diff": max(grad_diffs),
+            "param_max_diff_sure_sign": max(sure_diffs), "unsure_sign_entries": unsure,
+            "learning_rate": ocfg.learning_rate, "num_param_entries": sum(x.size for x in jax.tree.leaves(p0)),
             "params_moved": sum(m > 0 for m in moved), "num_params": len(moved), "shards": results["shards"],
             "devices": jax.device_count(), "targets": prepared.targets}
 

@@ -33,8 +33,13 @@ def test_sharded_step_equals_unsharded(result):
     assert abs(loss[0] - loss[1]) <= 1e-5, loss
     assert abs(norm[0] - norm[1]) <= 1e-5, norm
     assert result["grad_max_diff"] <= 1e-5
-    # One Adam step from identical state; Adam divides by sqrt(v), so this is looser than the gradients.
-    assert result["param_max_diff"] <= 1e-5
+    # One Adam step from identical state moves each parameter by about lr * sign(g). Where the gradient's sign is
+    # sure (far above its rounding noise), the two steps agree to rounding; where it is noise, they may go opposite
+    # ways, by at most two Adam steps (lr x the largest group scale, 1). Comparing the whole tree at 1e-5 measured
+    # the sign of noise, and failed on some CPUs and code generators.
+    assert result["param_max_diff_sure_sign"] <= 1e-5
+    assert result["param_max_diff"] <= 2 * result["learning_rate"] * 1.001
+    assert result["unsure_sign_entries"] < 0.25 * result["num_param_entries"]    # 17% here: not a vacuous check
     assert result["params_moved"] == result["num_params"] - 2     # CLIP's unused post_norm scale/bias
 
 
