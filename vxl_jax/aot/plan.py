@@ -90,13 +90,13 @@ def compile_point(target_name: str, job: str, config: str, *, frames: int, ratio
         mesh = (1, devices, 1) if job == "train" else (devices, 1, 1)
     _, devs = targets.topology(target_name, devices)
     device_mesh = parallel.make_mesh(parallel.MeshConfig(*mesh), devices=devs)
-    kwargs = dict(frames=frames, ratio=ratio, rows=rows, dtype=dtype)
+    shape = dict(frames=frames, ratio=ratio, rows=rows, dtype=dtype)
     if job == "train":
-        kwargs["settings"] = step_settings
+        shape["settings"] = step_settings
     elif step_settings:
         raise ValueError("step settings apply to --job train only")
     with jax.set_mesh(device_mesh):
-        program = programs.BUILDERS[job](cfg, device_mesh, **kwargs)
+        program = programs.BUILDERS[job](cfg, device_mesh, **shape)
         compute = programs.DTYPES[program.facts.get("step_settings", {}).get("dtype", dtype)]
         llm_backend = attention.resolve(cfg.llm.attention, compute)
         clip_backend = attention.resolve("auto", compute)
