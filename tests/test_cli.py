@@ -70,3 +70,16 @@ def test_infer_answers_about_an_image_and_names_a_file_that_is_neither(tmp_path,
     assert vxl(["--compilation-cache", "off"] + argv + ["--video", str(tmp_path / "notes.txt")]) == 1
     err = capsys.readouterr().err
     assert f"cannot read video {tmp_path / 'notes.txt'}: neither a video decord can read nor an image" in err
+
+
+def test_peak_rss_is_the_commands_own_not_its_parents():
+    """`ru_maxrss` survives exec on Linux: a command started from a large process (a test runner late in a
+    run) reported the parent's size as its peak (the 2 GB conversion-memory test read 5.3 GB both ways)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the inherited ru_maxrss is Linux behaviour")
+    ballast = bytearray(768 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])        # touch every page: resident in this process
+    out = subprocess.run([sys.executable, "-c", "from vxl_jax.cli.util import peak_rss_mib; print(peak_rss_mib())"],
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 400, out.stdout          # an interpreter with our util module: tens of MiB
+    del ballast

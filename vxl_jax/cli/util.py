@@ -14,7 +14,19 @@ OFF = ("off", "0")
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process so far, MiB.
+
+    On Linux from /proc/self/status (VmHWM, this program's own peak): `ru_maxrss` survives exec, so a command
+    started from a large process (a test runner, a notebook) would report its parent's size. Elsewhere
+    `ru_maxrss` (macOS reports bytes, others KiB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10          # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
