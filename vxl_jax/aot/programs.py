@@ -169,7 +169,6 @@ def abstract_train_step(cfg: VideoXLConfig, mesh, settings):
 
 def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, dtype: str = "bfloat16",
           settings: Optional[dict] = None) -> Program:
-    from vxl_jax.compress.plan import make_plan as plan_of
     from vxl_jax.train import batch as batch_lib, step as step_lib
 
     settings = step_lib.StepSettings(**{"dtype": dtype, **(settings or {})})
@@ -181,8 +180,8 @@ def train(cfg: VideoXLConfig, mesh, *, frames: int, ratio: int, rows: int = 1, d
         return jitted, (state, batch_lib.to_global(prepared.inputs, mesh, abstract=True)), dict(spec=prepared.spec)
 
     visual = frames * cfg.tokens_per_frame
-    plan = plan_of(TRAIN_PREFIX, visual, TRAIN_SUFFIX, [ratio] * num_windows(visual, cfg.vst.window),
-                   window=cfg.vst.window)
+    plan = make_plan(TRAIN_PREFIX, visual, TRAIN_SUFFIX, [ratio] * num_windows(visual, cfg.vst.window),
+                     window=cfg.vst.window)
     facts = dict(windows=len(plan.windows), windows_padded=prepared.inputs.plan.num_windows,
                  kv_entries=plan.memory_after_prefill, buffer_entries=prepared.spec.buffer_size,
                  kv_kept_bytes=_kv_bytes(cfg, plan.memory_after_prefill, rows, DTYPES[settings.dtype]),
