@@ -17,11 +17,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 #   generation was most of their compile time (a tiny train step: 25 s -> 14 s; tests/test_compression.py 92 s ->
 #   61 s). Results move at rounding level (LLVM fuses and vectorises less), as they do between CPU kinds: every
 #   exactness test holds at its tolerance, as it must on any CPU (see tests/test_sharding.py for one that did not).
-from vxl_jax.aot.targets import GPU_XLA_FLAGS  # noqa: E402
+from vxl_jax.aot.targets import GPU_XLA_FLAGS, with_flags  # noqa: E402
 
 TEST_XLA_FLAGS = (*GPU_XLA_FLAGS, "--xla_backend_optimization_level=0")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                    *[f for f in TEST_XLA_FLAGS if f not in os.environ.get("XLA_FLAGS", "")]]).strip()
+os.environ["XLA_FLAGS"] = with_flags(os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS)
 
 
 def xla_flags(*extra: str) -> str:

@@ -22,7 +22,6 @@ from vxl_jax.aot import programs, targets
 CPU_KERNELS = ("vxl_flash_attention",)        # our CPU FFI targets: never allowed in a GPU or TPU program
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 DEFAULT_MFU = 0.4
-GIB = 2 ** 30
 
 
 def check_environment(target: targets.Target) -> None:
@@ -50,7 +49,7 @@ def _refusal(err: Exception) -> Optional[tuple[int, str]]:
     m = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM", text)
     if "RESOURCE_EXHAUSTED" not in text or m is None:
         return None
-    return int(float(m.group(1)) * GIB), text[text.index("RESOURCE_EXHAUSTED"):].splitlines()[0]
+    return int(float(m.group(1)) * targets.GIB), text[text.index("RESOURCE_EXHAUSTED"):].splitlines()[0]
 
 
 def _shard_bytes(x) -> int:

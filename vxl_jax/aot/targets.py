@@ -25,6 +25,12 @@ GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_autotune_level
 CUDNN_VERSION = (9, 8, 0)      # the cuDNN the target is assumed to run (the pinned jax[cuda12] needs >= 9.8)
 
 
+def with_flags(xla_flags: str, flags) -> str:
+    """An XLA_FLAGS value with `flags` added after it (each once)."""
+    have = xla_flags.split()
+    return " ".join(have + [f for f in flags if f not in have])
+
+
 @dataclasses.dataclass(frozen=True)
 class GpuFacts:
     """An NVIDIA GPU as XLA's GPU compiler models it (device_description.proto field names)."""

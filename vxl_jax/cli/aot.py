@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 _CHILD = "VXL_AOT_CHILD"
-GIB = 2 ** 30
 
 
 def add_parser(sub) -> None:
@@ -57,8 +56,7 @@ def add_parser(sub) -> None:
 def _env() -> dict:
     from vxl_jax.aot import targets
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(flags + [f for f in targets.GPU_XLA_FLAGS if f not in flags])
+    env["XLA_FLAGS"] = targets.with_flags(env.get("XLA_FLAGS", ""), targets.GPU_XLA_FLAGS)
     return env
 
 
@@ -84,29 +82,21 @@ def _reconstruct(args: argparse.Namespace) -> list[str]:
 
 
 def _step_settings(overrides: list[str]) -> dict:
+    """`--set step.KEY=VALUE` items (values as JSON, as `vxl train --set`) -> StepSettings fields."""
     import dataclasses
 
+    from vxl_jax.train.config import apply_overrides
     from vxl_jax.train.step import StepSettings
-    fields = {f.name: f for f in dataclasses.fields(StepSettings)}
-    out = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("step.") or key[5:] not in fields:
-            raise ValueError(f"--set {item!r}: expected step.KEY=VALUE with KEY one of {', '.join(fields)}")
-        name = key[5:]
-        default = fields[name].default
-        if value.lower() in ("none", "null"):
-            out[name] = None
-        elif isinstance(default, bool):
-            out[name] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[name] = int(value)
-        else:
-            out[name] = value
-    return out
+    sections = apply_overrides({"step": {}}, overrides)
+    fields = {f.name for f in dataclasses.fields(StepSettings)}
+    unknown = sorted(set(sections) - {"step"}) + sorted(set(sections["step"]) - fields)
+    if unknown:
+        raise ValueError(f"--set: unknown keys {unknown}; expected step.KEY with KEY one of {', '.join(sorted(fields))}")
+    return sections["step"]
 
 
 def _g(n: float) -> str:
+    from vxl_jax.aot.targets import GIB
     return f"{n / GIB:.2f}"
 
 
